@@ -126,7 +126,9 @@ def train(
     train_set, test_set = data if data is not None else load_dataset(cfg)
     x_train = train_set.images.to(device)
     x_test = test_set.images
-    vae = build_model(cfg.model).to(device)
+    with torch.random.fork_rng(devices=[]):  # initial weights drawn from the run's seed, globals untouched
+        torch.manual_seed(cfg.seed)
+        vae = build_model(cfg.model).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     log: list[dict[str, Any]] = []

@@ -1,0 +1,30 @@
+# jpmap-companion: the two commands are `make reproduce` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROFILE ?= default
+DEVICE  ?= cpu
+
+.PHONY: setup test lint bench clean-venv
+
+# Idempotent: the venv is rebuilt only when pyproject.toml changes (stamp file).
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,mnist-sample]"
+	$(PY) -m ipykernel install --sys-prefix --name jpmap-companion --display-name "Python (jpmap-companion)" >/dev/null
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check jpmap_core tests benchmarks
+	$(VENV)/bin/ruff format --check jpmap_core tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_solvers.py --n-images 100 --json benchmarks/results_cpu.json
+
+clean-venv:
+	rm -rf $(VENV)
