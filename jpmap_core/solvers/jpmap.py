@@ -217,6 +217,12 @@ def jpmap(
     ``rho`` default ``100/d``;
     ``rho C`` is clipped to [-50, 50] so that ``beta`` stays finite).
 
+    Note on Alg. 2.4's stopping rule: with the official ``rho = 100/d`` the multiplier update approaches the
+    boundary ``||G(z)-x||^2 = eps`` from above (``C`` shrinks geometrically but stays > 0), so ``C <= 0`` is often
+    met only after many outer iterations or not within ``k_max``; such images return ``converged = False`` with
+    the last iterate (the official code never tests the constraint and simply stops after its 350 outer
+    iterations). A larger ``rho`` (e.g. ``1000/d``) overshoots and meets the constraint in a few dozen.
+
     ``z0`` (default: none, i.e. ``J1(x_0, z_0) = +inf`` so the first encoder guess is always accepted, as in
     the official code) initialises ``z`` for ``z3``. ``history`` rows are alternation iterations; in Alg. 2.4,
     ``history["outer"]`` tells the outer index ``k`` (0 for the initial run).

@@ -1,0 +1,203 @@
+"""CSGM, JPMAP (Alg. 2.1-2.4) and map-z splitting (Alg. 1.1): properties from the paper, batching, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from jpmap_core.energy import J1, coupling
+from jpmap_core.metrics import psnr
+from jpmap_core.operators import CompressedSensing, Denoising, Inpainting
+from jpmap_core.pretrained import load_pretrained
+from jpmap_core.solvers import csgm, jpmap, mapz_splitting
+
+FAST = {"adam_max_iters": 150}  # bounded inner Adam for the property tests (the properties hold for any cap)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return load_pretrained("mnist_mlp_dvae15")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test):
+    return mnist_test.images[:20]
+
+
+def _inpainting(x, missing=0.8, sigma=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    op = Inpainting(image_shape=(1, 28, 28), missing=missing, batch_size=x.shape[0], generator=g)
+    return op, op.degrade(x, sigma, generator=g)
+
+
+def test_alg23_energy_never_increases_for_any_image(vae, digits):
+    """Proposition 2.1(1): J1(x_n, z_n) is non-increasing along Alg. 2.3, image by image."""
+    op, y = _inpainting(digits[:6])
+    r = jpmap(y, op, vae, sigma=10, n1=3, n2=6, n_max=12, **FAST)
+    J = r.history["J1"]
+    istar = r.history["istar"]
+    assert set(istar[istar > 0].unique().tolist()) >= {1, 3}  # the run exercised several candidates
+    for b in range(J.shape[1]):
+        traj = J[:, b][~torch.isnan(J[:, b])]
+        inc = traj[1:] - traj[:-1]
+        assert float(inc.max()) <= 1e-4 * float(traj.abs().max()), f"J1 increased for image {b}: {inc.max()}"
+
+
+def test_alg23_returned_energy_is_J1_of_the_returned_pair(vae, digits):
+    op, y = _inpainting(digits[:3])
+    r = jpmap(y, op, vae, sigma=10, n1=3, n2=6, n_max=10, **FAST)
+    last = torch.stack([col[~torch.isnan(col)][-1] for col in r.history["J1"].T])
+    torch.testing.assert_close(last, J1(r.x, r.z, y, op, vae, 10), rtol=1e-4, atol=1e-3)
+
+
+def test_alg24_stops_with_the_constraint_satisfied(vae, digits):
+    op, y = _inpainting(digits[:4])
+    alpha = 10.0
+    r = jpmap(y, op, vae, sigma=10, alpha=alpha, rho=1000 / 784, n1=5, n2=10, n_max=30, **FAST)
+    eps = (alpha / 255) ** 2 * 784
+    assert bool(r.converged.all()), f"not converged after {r.info['outer_iterations']} outer iterations"
+    assert bool((coupling(r.x, vae.decode(r.z)) <= eps + 1e-6).all())
+    betas = r.history["beta"]
+    assert float(torch.nanquantile(betas[-1:], 0.5)) > 0.1 * vae.beta  # beta was increased from beta0
+
+
+def test_alg22_diagnostic_records_the_winner_of_three_candidates(vae, digits):
+    op, y = _inpainting(digits[:3])
+    r = jpmap(y, op, vae, sigma=10, algorithm="2.2", n1=0, n2=0, n_max=4, **FAST)
+    cand, istar = r.history["J1_candidates"], r.history["istar"]
+    assert cand.shape[-1] == 3
+    for t in range(cand.shape[0]):
+        for b in range(cand.shape[1]):
+            if istar[t, b] > 0:
+                assert int(istar[t, b]) == int(cand[t, b].argmin()) + 1
+                assert torch.isfinite(cand[t, b]).all()
+
+
+def test_alg21_always_keeps_the_encoder_guess(vae, digits):
+    op, y = _inpainting(digits[:3])
+    r = jpmap(y, op, vae, sigma=10, algorithm="2.1", n1=0, n2=0, n_max=20)
+    istar = r.history["istar"]
+    assert bool((istar[istar >= 0] == 1).all())
+
+
+@pytest.mark.parametrize("variant", ["alg23", "alg24", "csgm"])
+def test_batched_equals_per_image(vae, digits, variant):
+    """B images at once give the same x, z and histories as each image alone, though they stop at different times.
+
+    Run in float64: in float32 the BLAS kernels round differently for different batch sizes and Adam amplifies
+    those 1e-7 differences to ~1e-4 over hundreds of steps, which would hide the property under test (that no
+    image's state leaks into another's). In float64 any real coupling shows up far above 1e-5.
+    """
+    vae64 = copy.deepcopy(vae).double()
+    x = digits[:4].double()
+    g = torch.Generator().manual_seed(5)
+    masks = (torch.rand(4, 1, 28, 28, generator=g) > 0.7).double()
+    y = Inpainting(masks).degrade(x, 10, generator=g)
+
+    def solve(yb, mb):
+        op = Inpainting(mb)
+        if variant == "alg23":
+            return jpmap(yb, op, vae64, sigma=10, n1=3, n2=6, n_max=10, **FAST)
+        if variant == "alg24":
+            return jpmap(yb, op, vae64, sigma=10, alpha=10, rho=1000 / 784, n1=2, n2=4, n_max=6, k_max=4, **FAST)
+        return csgm(yb, op, vae64, sigma=10, max_iters=300)
+
+    batch = solve(y, masks)
+    iters = batch.iterations.tolist()
+    for b in range(4):
+        single = solve(y[b : b + 1], masks[b : b + 1])
+        torch.testing.assert_close(batch.x[b : b + 1], single.x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch.z[b : b + 1], single.z, atol=1e-5, rtol=0)
+        assert batch.iterations[b] == single.iterations[0]
+        assert batch.converged[b] == single.converged[0]
+        if variant != "csgm":
+            # each image's own sequence of iterations (rows where it was running), in order
+            rb, rs = batch.history["istar"][:, b] >= 0, single.history["istar"][:, 0] >= 0
+            hb, hs = batch.history["J1"][rb, b], single.history["J1"][rs, 0]
+            torch.testing.assert_close(hb, hs, rtol=1e-7, atol=1e-5)
+            assert torch.equal(batch.history["istar"][rb, b], single.history["istar"][rs, 0])
+            assert torch.equal(batch.history["outer"][rb, b], single.history["outer"][rs, 0])
+    if variant == "alg23":
+        assert len(set(iters)) > 1, "the test should include images that stop at different iterations"
+
+
+def test_jpmap_beats_csgm_on_80_percent_missing_pixels(vae, digits):
+    """The paper's claim (Figs. 6-7): inpainting 80% missing, sigma = 10, 20 test images."""
+    op, y = _inpainting(digits)
+    r_j = jpmap(y, op, vae, sigma=10)
+    r_c = csgm(y, op, vae, sigma=10)
+    p_j, p_c = psnr(r_j.x.clamp(0, 1), digits), psnr(r_c.x, digits)
+    assert float(p_j.mean()) > float(p_c.mean()), f"JPMAP {p_j.mean():.2f} dB vs CSGM {p_c.mean():.2f} dB"
+
+
+@pytest.mark.parametrize("problem", ["denoising110", "cs140"])
+def test_other_paper_problems_run_end_to_end(vae, digits, problem):
+    x = digits[:2]
+    g = torch.Generator().manual_seed(1)
+    if problem == "denoising110":
+        op, sigma = Denoising(), 110
+    else:
+        op, sigma = CompressedSensing(140, (1, 28, 28), generator=g), 10
+    y = op.degrade(x, sigma, generator=g)
+    for r in (jpmap(y, op, vae, sigma=sigma), csgm(y, op, vae, sigma=sigma)):
+        assert r.x.shape == x.shape and torch.isfinite(r.x).all()
+        assert float(psnr(r.x.clamp(0, 1), x).mean()) > 10
+
+
+def test_mapz_splitting_closes_the_gap_as_beta_grows(vae, digits):
+    op, y = _inpainting(digits[:3])
+    r = mapz_splitting(y, op, vae, betas=[0.1 * vae.beta, vae.beta, 10 * vae.beta], sigma=10, maxiter=8, **FAST)
+    gap, outer = r.history["coupling"], r.history["outer"]
+    first = torch.nanmean(gap[outer[:, 0] == 0][-1])
+    last = torch.nanmean(gap[-1])
+    assert float(last) < float(first)
+
+
+def test_csgm_restarts_keep_the_lowest_energy(vae, digits):
+    op, y = _inpainting(digits[:3])
+    r = csgm(y, op, vae, sigma=10, restarts=3, generator=torch.Generator().manual_seed(0), max_iters=300)
+    E = r.history["energy"]
+    assert E.shape == (3, 3)
+    torch.testing.assert_close(E.min(0).values, E[r.info["best_restart"], torch.arange(3)])
+
+
+def test_csgm_initialised_at_the_ground_truth_code(vae, digits):
+    op, y = _inpainting(digits[:3])
+    z_true = vae.encode(digits[:3])[0]
+    r = csgm(y, op, vae, sigma=10, z0=z_true, max_iters=300)
+    assert float((r.z - z_true).norm(dim=1).mean()) < float(r.z.norm(dim=1).mean()) + 1  # stays near its start
+
+
+def test_bad_input_is_rejected_with_the_argument_named(vae, digits):
+    op, y = _inpainting(digits[:2])
+    with pytest.raises(ValueError, match="sigma"):
+        jpmap(y, op, vae, sigma=0)
+    with pytest.raises(ValueError, match="sigma"):
+        csgm(y, op, vae, sigma=-1)
+    bad = y.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        jpmap(bad, op, vae, sigma=10)
+    with pytest.raises(ValueError, match="n1 <= n2"):
+        jpmap(y, op, vae, sigma=10, n1=30, n2=10)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        jpmap(y, op, vae, sigma=10, algorithm="2.5")
+    with pytest.raises(ValueError, match="unknown init"):
+        jpmap(y, op, vae, sigma=10, init="random")
+    with pytest.raises(ValueError, match="prior expects"):  # colour operator, MNIST prior
+        jpmap(torch.rand(2, 3, 28, 28), Denoising(), vae, sigma=10)
+    cs = CompressedSensing(50, (1, 28, 28), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="y has shape"):
+        jpmap(torch.rand(2, 60), cs, vae, sigma=10)
+    with pytest.raises(ValueError, match="z0"):
+        jpmap(y, op, vae, sigma=10, z0=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="beta0"):
+        jpmap(y, op, vae, sigma=10, alpha=5, beta=3.0)
+    with pytest.raises(ValueError, match="alpha"):
+        jpmap(y, op, vae, sigma=10, alpha=-1)
+    with pytest.raises(ValueError, match="betas"):
+        mapz_splitting(y, op, vae, betas=[10.0, 1.0], sigma=10)
+    with pytest.raises(TypeError, match="op must provide"):
+        jpmap(y, object(), vae, sigma=10)
