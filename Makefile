@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= default
 DEVICE  ?= cpu
+ONLY    ?=
 
 .PHONY: setup test lint bench clean-venv
 
@@ -15,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,mnist-sample]"
 	$(PY) -m ipykernel install --sys-prefix --name jpmap-companion --display-name "Python (jpmap-companion)" >/dev/null
 	touch $@
+
+.PHONY: reproduce
+# Every notebook with papermill into figures/$(PROFILE)/ (ONLY=03,04 for some of them).
+reproduce: setup
+	$(PY) -m jpmap_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(ONLY),--only $(ONLY))
 
 test: setup
 	$(PY) -m pytest -q

@@ -158,8 +158,13 @@ def test_mapz_splitting_closes_the_gap_as_beta_grows(vae, digits):
 def test_csgm_restarts_keep_the_lowest_energy(vae, digits):
     op, y = _inpainting(digits[:3])
     r = csgm(y, op, vae, sigma=10, restarts=3, generator=torch.Generator().manual_seed(0), max_iters=300)
-    E = r.history["energy"]
+    E = r.history["energy_final"]
     assert E.shape == (3, 3)
+    trace = r.history["energy"]
+    assert trace.shape[1] == 3
+    for b in range(3):  # the kept restart's trace ends at its final (best) energy or above it
+        col = trace[:, b][~torch.isnan(trace[:, b])]
+        assert float(col.min()) == pytest.approx(float(E[r.info["best_restart"][b], b]), rel=1e-5)
     torch.testing.assert_close(E.min(0).values, E[r.info["best_restart"], torch.arange(3)])
 
 

@@ -64,6 +64,8 @@ class AdamResult:
     loss: Tensor  # (B,) loss at z
     steps: Tensor  # (B,) Adam steps taken
     converged: Tensor  # (B,) gradient-norm criterion met
+    trace: Tensor | None = None  # (T, B) loss at every gradient evaluation (NaN once an image stopped)
+    trace_seconds: Tensor | None = None  # (T,) elapsed seconds at each evaluation
 
 
 def adam_minimize(
@@ -76,6 +78,7 @@ def adam_minimize(
     max_iters: int = 3000,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    record: bool = False,
 ) -> AdamResult:
     """Batched Adam where each image has its own moments, step count and stopping rule.
 
@@ -84,8 +87,12 @@ def adam_minimize(
     ``||grad||_2 / l < tol`` (the official JPMAP criterion) or after ``max_iters`` gradient evaluations.
     The update is the same as ``torch.optim.Adam`` applied to that image alone. Returned ``z`` is the best
     iterate seen (lowest loss), so the result never has a higher loss than ``z0`` -- the descent property
-    ``J1(x, z+) <= J1(x, z0)`` that Algorithms 2.2-2.3 require of ``gd_z``.
+    ``J1(x, z+) <= J1(x, z0)`` that Algorithms 2.2-2.3 require of ``gd_z``. ``record=True`` also returns the
+    per-evaluation loss of every image (``trace``, NaN after it stopped) and the elapsed seconds.
     """
+    clock = Clock()
+    rows: list[Tensor] = []
+    times: list[float] = []
     b1, b2 = betas
     z = z0.detach().clone()
     bsz, ldim = z.shape
@@ -106,6 +113,11 @@ def adam_minimize(
             loss = loss_fn(zi, idx)
             (g,) = torch.autograd.grad(loss.sum(), zi)
         loss = loss.detach()
+        if record:
+            row = torch.full((bsz,), math.nan, dtype=z.dtype)
+            row[idx.cpu()] = loss.cpu()
+            rows.append(row)
+            times.append(clock())
         better = loss < best_loss[idx]
         if bool(better.any()):
             ib = idx[better]
@@ -133,10 +145,16 @@ def adam_minimize(
     if idx.numel():
         with torch.no_grad():
             loss = loss_fn(z[idx], idx)
+        if record:
+            row = torch.full((bsz,), math.nan, dtype=z.dtype)
+            row[idx.cpu()] = loss.cpu()
+            rows.append(row)
+            times.append(clock())
         better = loss < best_loss[idx]
         best_loss[idx[better]] = loss[better]
         best_z[idx[better]] = z[idx[better]]
-    return AdamResult(best_z, best_loss, steps, conv)
+    trace = torch.stack(rows) if record and rows else None
+    return AdamResult(best_z, best_loss, steps, conv, trace, torch.tensor(times) if record else None)
 
 
 def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: float, x0: Tensor | None, init: str, eps: float):

@@ -36,7 +36,9 @@ def csgm(
 
     ``z0``: first start (default 0; ``vae.encode(x_true)[0]`` for the "initialised at the ground truth" runs
     of Fig. 1). ``restarts > 1`` adds starts ``z ~ N(0, I)`` drawn from ``generator``; each image keeps the
-    restart with the lowest energy. ``history["energy"]`` is ``(restarts, B)`` (final energy of each start).
+    restart with the lowest energy. ``history["energy"]`` is the per-iteration energy ``(T, B)`` of the restart
+    each image kept (NaN after it stopped), ``history["seconds"]`` the elapsed time ``(T,)`` of that restart,
+    ``history["energy_final"]`` the final energy of every restart ``(restarts, B)``.
     """
     y, x0 = check_problem(y, op, vae, sigma, None, "adjoint", None)
     s = noise_std(sigma)
@@ -53,7 +55,7 @@ def csgm(
     clock = Clock()
     decode = vae._decode
     best_z, best_E = None, None
-    energies, all_steps, all_conv = [], [], []
+    energies, all_steps, all_conv, traces, trace_times = [], [], [], [], []
     for r in range(restarts):
         start = z0 if r == 0 else torch.randn(B, ldim, generator=generator, device=x0.device, dtype=x0.dtype)
         with torch.no_grad():
@@ -67,8 +69,10 @@ def csgm(
             res = (op.A(G) - y).flatten(1)[idx]
             return res.pow(2).sum(1) + lam * zr.pow(2).sum(1)
 
-        out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters)
+        out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters, record=True)
         energies.append(out.loss)
+        traces.append(out.trace)
+        trace_times.append(out.trace_seconds)
         all_steps.append(out.steps)
         all_conv.append(out.converged)
         if best_z is None:
@@ -80,6 +84,9 @@ def csgm(
             steps[better], conv[better] = out.steps[better], out.converged[better]
     with torch.no_grad():
         x = vae.decode(best_z)
+    T = max(t.shape[0] for t in traces)
+    padded = torch.stack([torch.cat([t, torch.full((T - t.shape[0], B), float("nan"))]) for t in traces])
+    trace = padded[best_r, :, torch.arange(B)].T  # (T, B): each image's kept restart
     return Restoration(
         x=x,
         z=best_z,
@@ -87,7 +94,9 @@ def csgm(
         converged=conv,
         iterations=steps,
         history={
-            "energy": torch.stack(energies).cpu(),
+            "energy": trace,
+            "seconds": trace_times[0] if restarts == 1 else torch.full((T,), float("nan")),
+            "energy_final": torch.stack(energies).cpu(),
             "adam_steps": torch.stack(all_steps).cpu(),
             "converged": torch.stack(all_conv).cpu(),
         },

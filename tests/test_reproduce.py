@@ -1,0 +1,237 @@
+"""The notebook runner (jpmap_core.reproduce) on tiny throwaway notebooks: parameters, outputs, failures, skips."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from jpmap_core import reproduce
+from jpmap_core.reproduce import ReproduceError, main, run_notebooks
+
+PARAMETERS = """\
+PROFILE = "default"
+SEED = 0
+DEVICE = "cpu"
+OUT_DIR = "../figures/default/nb"
+INTERACTIVE = True
+N = 1
+FAIL = False
+"""
+
+WRITE_METRICS = """\
+import os
+from pathlib import Path
+from jpmap_core.reporting import save_metrics
+Path(OUT_DIR, "fig1.png").write_bytes(b"not really a png")
+save_metrics(OUT_DIR, dict(profile=PROFILE, device=DEVICE, data_source="none", n_images=N, seconds=0.0,
+                           seed=SEED, out_dir=OUT_DIR, interactive=INTERACTIVE, cwd=os.getcwd(), psnr_jpmap=12.5))
+"""
+
+PROFILES = """\
+smoke:
+  01_ok: {N: 2, SEED: 7}
+  02_missing: {}
+  03_broken:
+default:
+  01_ok: {FAIL: true}
+  02_missing: {}
+  03_broken: {}
+paper:
+  01_ok: {}
+  02_missing: {}
+  03_broken: {}
+"""
+
+
+def _notebook(path: Path, *cells: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(PARAMETERS)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# a throwaway notebook"), params]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def notebooks_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("notebooks")
+    _notebook(d / "01_ok.ipynb", "if FAIL:\n    raise ValueError('asked to fail')", WRITE_METRICS)
+    _notebook(
+        d / "02_missing.ipynb",
+        "from jpmap_core.data import DataNotFoundError\n"
+        "raise DataNotFoundError('MNIST not found; searched /nowhere/MNIST/raw; see data/README.md')",
+    )
+    _notebook(d / "03_broken.ipynb", "x = 1", "y = 2\nraise ValueError('broken on purpose')")
+    (d / "profiles.yaml").write_text(PROFILES)
+    (d / "README.md").write_text("not a notebook")
+    return d
+
+
+@pytest.fixture(scope="module")
+def smoke_run(notebooks_dir, tmp_path_factory):
+    """All three notebooks once with the smoke profile through the command line: (exit code, stdout, OUT)."""
+    out = tmp_path_factory.mktemp("out")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["--profile", "smoke", "--notebooks-dir", str(notebooks_dir), "--out", str(out), "--no-progress"])
+    return code, buffer.getvalue(), out
+
+
+def test_parameters_are_injected_and_outputs_land_in_out_dir(smoke_run, notebooks_dir):
+    _, _, out = smoke_run
+    metrics = json.loads((out / "01_ok" / "metrics.json").read_text())
+    assert metrics["profile"] == "smoke" and metrics["device"] == "cpu"
+    assert metrics["n_images"] == 2 and metrics["seed"] == 7  # from profiles.yaml
+    assert metrics["interactive"] is False
+    assert Path(metrics["out_dir"]).is_absolute() and Path(metrics["out_dir"]).parent == out.resolve()
+    assert Path(metrics["cwd"]) == notebooks_dir.resolve()  # run where the notebook lives
+    assert (out / "01_ok" / "fig1.png").is_file()
+    executed = nbformat.read(out / "01_ok" / "01_ok.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and 'PROFILE = "smoke"' in injected[0].source
+    assert all(c.execution_count for c in executed.cells if c.cell_type == "code")
+    assert not list(out.glob("*.running")), "the staging folder must be renamed or removed"
+
+
+def test_failing_notebook_exits_nonzero_naming_the_cell(smoke_run):
+    code, stdout, out = smoke_run
+    assert code == 1
+    assert "FAILED 03_broken at cell 3 (In [4]): ValueError: broken on purpose" in stdout
+    assert "raise ValueError('broken on purpose')" in stdout
+    record = json.loads((out / "03_broken.failed" / "FAILED.json").read_text())
+    assert record["cell"] == 3 and record["ename"] == "ValueError"
+    assert "raise ValueError" in record["cell_source"]
+    assert (out / "03_broken.failed" / "03_broken.ipynb").is_file()
+    assert not (out / "03_broken").exists()
+
+
+def test_missing_data_is_skipped_with_the_reason(smoke_run):
+    code, stdout, out = smoke_run
+    assert "skipped 02_missing: DataNotFoundError: MNIST not found; searched /nowhere/MNIST/raw" in stdout
+    assert not (out / "02_missing").exists() and not (out / "02_missing.failed").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = {r["notebook"]: r["status"] for r in summary["results"]}
+    assert statuses == {"01_ok": "ok", "02_missing": "skipped", "03_broken": "failed"}
+    assert summary["results"][0]["headline"] == "psnr_jpmap=12.5"
+    assert "01_ok" in stdout and "psnr_jpmap=12.5" in stdout  # the summary table
+
+
+def test_failed_rerun_keeps_previous_results_and_success_clears_the_record(smoke_run, notebooks_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run[2], out)
+    before = (out / "01_ok" / "metrics.json").read_text()
+    # the default profile sets FAIL: true, and --only keeps the run to one notebook
+    (failed,) = run_notebooks("default", only=["01"], out=out, progress=False, notebooks_dir=notebooks_dir)
+    assert failed.status == "failed" and failed.cell == 2 and "asked to fail" in failed.reason
+    assert (out / "01_ok" / "metrics.json").read_text() == before, "a failed run must not touch earlier results"
+    assert json.loads((out / "01_ok.failed" / "FAILED.json").read_text())["profile"] == "default"
+    assert [r["notebook"] for r in json.loads((out / "summary.json").read_text())["results"]] == ["01_ok"]
+
+    (ok,) = run_notebooks("smoke", only=["01_ok"], out=out, progress=False, notebooks_dir=notebooks_dir)
+    assert ok.status == "ok" and ok.metrics["n_images"] == 2
+    assert not (out / "01_ok.failed").exists(), "a success replaces the stale failure record"
+
+
+def test_missing_data_fails_under_strict(notebooks_dir, tmp_path, capsys):
+    code = main(["--profile", "smoke", "--only", "02", "--strict", "--notebooks-dir", str(notebooks_dir)]
+                + ["--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 1
+    assert "FAILED 02_missing" in capsys.readouterr().out
+    assert (
+        "missing data (--strict)" in json.loads((tmp_path / "02_missing.failed" / "FAILED.json").read_text())["reason"]
+    )
+
+
+def test_unknown_profile_lists_the_profiles(notebooks_dir, capsys):
+    with pytest.raises(ReproduceError, match="unknown profile 'fast'.*smoke, default, paper"):
+        run_notebooks("fast", notebooks_dir=notebooks_dir, progress=False)
+    assert main(["--profile", "fast", "--notebooks-dir", str(notebooks_dir)]) == 2
+    assert "unknown profile" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_an_error_before_anything_runs(notebooks_dir, tmp_path):
+    with pytest.raises(ReproduceError, match="torch.cuda.is_available"):
+        run_notebooks("smoke", device="cuda", out=tmp_path, notebooks_dir=notebooks_dir, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_only_matching_nothing_is_an_error(notebooks_dir):
+    with pytest.raises(ReproduceError, match="--only '07' matches no notebook; the notebooks are: 01_ok, 02_missing"):
+        run_notebooks("smoke", only=["01,07"], notebooks_dir=notebooks_dir, progress=False)
+
+
+def test_only_selects_by_prefix_or_stem(notebooks_dir):
+    notebooks = reproduce.discover_notebooks(notebooks_dir)
+    assert [p.stem for p in notebooks] == ["01_ok", "02_missing", "03_broken"]
+    chosen = reproduce.select_notebooks(notebooks, ["03_broken,01", "01_ok.ipynb"])
+    assert [p.stem for p in chosen] == ["01_ok", "03_broken"]
+
+
+def test_notebook_missing_from_profiles_is_an_error(notebooks_dir, tmp_path):
+    for nb in notebooks_dir.glob("*.ipynb"):
+        shutil.copy(nb, tmp_path)
+    (tmp_path / "profiles.yaml").write_text(PROFILES.replace("  02_missing: {}\n", "", 1))
+    with pytest.raises(ReproduceError, match="02_missing missing from profile 'smoke'"):
+        run_notebooks("smoke", notebooks_dir=tmp_path, progress=False)
+
+
+def test_profiles_may_not_set_runner_parameters(tmp_path):
+    (tmp_path / "profiles.yaml").write_text("smoke:\n  01_ok: {OUT_DIR: /tmp/x}\n")
+    with pytest.raises(ReproduceError, match="sets OUT_DIR, which the runner injects"):
+        reproduce.load_profiles(tmp_path / "profiles.yaml")
+
+
+def test_parameters_injected_with_seed_default_and_absolute_out_dir(tmp_path):
+    params = reproduce.notebook_parameters({"N": 3}, profile="paper", device="cuda", out_dir=tmp_path / "x")
+    assert params == {
+        "PROFILE": "paper",
+        "SEED": 0,
+        "DEVICE": "cuda",
+        "N": 3,
+        "OUT_DIR": str((tmp_path / "x").resolve()),
+        "INTERACTIVE": False,
+    }
+
+
+def test_prepare_only_writes_parameterised_unexecuted_notebooks(notebooks_dir, tmp_path):
+    (path,) = reproduce.prepare_notebooks("smoke", tmp_path, only=["01"], notebooks_dir=notebooks_dir)
+    nb = nbformat.read(path, as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert f'OUT_DIR = "{tmp_path / "out" / "01_ok"}"' in injected[0].source and "N = 2" in injected[0].source
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_kernel_runs_this_python_even_when_an_installed_spec_is_stale(tmp_path, monkeypatch):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    stale = tmp_path / "kernels" / reproduce.KERNEL_NAME
+    stale.mkdir(parents=True)
+    (stale / "kernel.json").write_text(
+        json.dumps({"argv": ["/old/venv/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": "stale", "language": "python"})
+    )  # fmt: skip
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    with reproduce.notebook_kernel() as name:
+        assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
+    assert KernelSpecManager().get_kernel_spec(name).argv[0] == "/old/venv/bin/python"  # environment restored
+
+
+def test_kernel_uses_the_installed_spec_when_it_runs_this_python(tmp_path, monkeypatch):
+    spec = tmp_path / "kernels" / reproduce.KERNEL_NAME
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "ok", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    with reproduce.notebook_kernel() as name:
+        assert name == reproduce.KERNEL_NAME
+        assert os.environ["JUPYTER_PATH"] == str(tmp_path), "no temporary kernelspec needed"
