@@ -185,7 +185,7 @@ def train(
             "train_loss": tot_loss / n,
             "train_elbo": tot_elbo / n,
             "test_elbo": test_elbo,
-            "gamma": float(vae.gamma),
+            "gamma": float(vae.gamma.detach()),
             "seconds": train_seconds,
         }
         log.append(entry)
@@ -230,7 +230,7 @@ def manifest_entry(cfg: TrainConfig, vae: GaussianVAE, log: list[dict[str, Any]]
         "epochs": len(log),
         "final_test_elbo": log[-1]["test_elbo"] if log else None,
         "final_train_elbo": log[-1]["train_elbo"] if log else None,
-        "gamma": float(vae.gamma),
+        "gamma": float(vae.gamma.detach()),
         "beta": vae.beta,
         "training_seconds": float(sum(e["seconds"] for e in log)),
         "package_version": __version__,
