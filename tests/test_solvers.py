@@ -63,6 +63,36 @@ def test_alg24_stops_with_the_constraint_satisfied(vae, digits):
     assert float(torch.nanquantile(betas[-1:], 0.5)) > 0.1 * vae.beta  # beta was increased from beta0
 
 
+def test_alg24_snapshots_are_the_outer_iterates(vae, digits):
+    """Snapshot k is (x_k, G(z_k), beta_k) of outer iteration k of Alg. 2.4 (Fig. 5): k = 0 is Alg. 2.3 run with
+    beta0 (line 2), the last one is the result, and their beta and coupling are those the history records."""
+    op, y = _inpainting(digits[:3])
+    kw = dict(sigma=10, n1=1, n2=2, n_max=4, **FAST)
+    r = jpmap(y, op, vae, alpha=10, rho=1000 / 784, snapshots=range(10_000), **kw)
+    snaps, outer_iters = r.info["snapshots"], r.info["outer_iterations"]
+    last = int(outer_iters.max())
+    assert last >= 2 and len(set(outer_iters.tolist())) > 1, "the test needs images that stop at different k"
+    assert sorted(snaps) == list(range(last + 1))  # k never reached are left out
+    r0 = jpmap(y, op, vae, beta=0.1 * vae.beta, **kw)
+    torch.testing.assert_close(snaps[0]["x"], r0.x)
+    torch.testing.assert_close(snaps[0]["x_decoded"], r0.x_decoded)
+    torch.testing.assert_close(snaps[last]["x"], r.x)
+    torch.testing.assert_close(snaps[last]["z"], r.z)
+    outer, beta_h, coupling_h = r.history["outer"], r.history["beta"], r.history["coupling"]
+    for k, s in snaps.items():
+        torch.testing.assert_close(s["coupling"], coupling(s["x"], vae.decode(s["z"])), rtol=1e-4, atol=1e-6)
+        for b in range(3):
+            rows = (outer[:, b] == k).nonzero().squeeze(1)
+            assert bool(s["running"][b]) == (rows.numel() > 0)
+            if rows.numel():  # running at k: the beta it used and its coupling after the last alternation
+                assert float(s["beta"][b]) == pytest.approx(float(beta_h[rows[0], b]), rel=1e-6)
+                assert float(s["coupling"][b]) == pytest.approx(float(coupling_h[rows[-1], b]), rel=1e-5)
+            else:  # stopped before k: its final iterate
+                torch.testing.assert_close(s["x"][b], r.x[b])
+    with pytest.raises(ValueError, match="need Alg. 2.4"):
+        jpmap(y, op, vae, snapshots=[0, 1], **kw)
+
+
 def test_alg22_diagnostic_records_the_winner_of_three_candidates(vae, digits):
     op, y = _inpainting(digits[:3])
     r = jpmap(y, op, vae, sigma=10, algorithm="2.2", n1=0, n2=0, n_max=4, **FAST)
@@ -99,7 +129,7 @@ def test_batched_equals_per_image(vae, digits, variant):
     def solve(yb, mb):
         op = Inpainting(mb)
         if variant == "alg23":
-            return jpmap(yb, op, vae64, sigma=10, n1=3, n2=6, n_max=10, **FAST)
+            return jpmap(yb, op, vae64, sigma=10, n1=3, n2=6, n_max=30, **FAST)
         if variant == "alg24":
             return jpmap(yb, op, vae64, sigma=10, alpha=10, rho=1000 / 784, n1=2, n2=4, n_max=6, k_max=4, **FAST)
         return csgm(yb, op, vae64, sigma=10, max_iters=300)
