@@ -14,6 +14,7 @@ Defaults follow the paper and the official code (mago876/JPMAP):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,7 @@ def jpmap(
     adam_lr: float = 0.01,
     adam_tol: float = 1e-4,
     adam_max_iters: int = 3000,
+    snapshots: Iterable[int] = (),
 ) -> Restoration:
     """Restore ``y = A x + noise`` (noise std ``sigma`` on the 0-255 scale) with the VAE prior ``vae``.
 
@@ -223,6 +225,12 @@ def jpmap(
     the last iterate (the official code never tests the constraint and simply stops after its 350 outer
     iterations). A larger ``rho`` (e.g. ``1000/d``) overshoots and meets the constraint in a few dozen.
 
+    ``snapshots``: outer iterations ``k`` of Alg. 2.4 (0 = the initial run of its line 2) at which to keep a CPU
+    copy of the iterate, ``info["snapshots"][k] = {"x", "x_decoded" (G(z_k) = mu_theta(z_k)), "z", "beta" (the
+    beta_k that produced it, before the update), "coupling" (||G(z_k) - x_k||^2), "running"}``, all per image
+    (for Fig. 5). An image that already met the constraint keeps its final iterate; a ``k`` that no image
+    reached is left out. Without ``alpha`` only ``k = 0`` (the result) exists.
+
     ``z0`` (default: none, i.e. ``J1(x_0, z_0) = +inf`` so the first encoder guess is always accepted, as in
     the official code) initialises ``z`` for ``z3``. ``history`` rows are alternation iterations; in Alg. 2.4,
     ``history["outer"]`` tells the outer index ``k`` (0 for the initial run).
@@ -236,6 +244,13 @@ def jpmap(
         raise ValueError(f"Alg. 2.3 needs n1 <= n2 <= n_max, got n1={n1}, n2={n2}, n_max={n_max}")
     if alpha is not None and (not math.isfinite(float(alpha)) or float(alpha) <= 0):
         raise ValueError(f"alpha must be a number > 0 (grey levels of RMSE), got {alpha!r}")
+    wanted = set()
+    for k in snapshots:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"snapshots must be outer iterations k >= 0 (integers), got {k!r}")
+        wanted.add(k)
+    if alpha is None and any(k > 0 for k in wanted):
+        raise ValueError("snapshots at outer iterations k > 0 need Alg. 2.4 (pass alpha); without it only k = 0 exists")
     if tol <= 0 or adam_lr <= 0 or adam_tol <= 0:
         raise ValueError(f"tol, adam_lr and adam_tol must be > 0, got {tol}, {adam_lr}, {adam_tol}")
     y, x = check_problem(y, op, vae, sigma, x0, init, eps_dagger)
@@ -267,8 +282,21 @@ def jpmap(
         y, op, vae, float(sigma), algorithm, float(tol),
         {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(), clock,
     )  # fmt: skip
+    kept: dict[int, dict[str, Tensor]] = {}
+
+    def snapshot(k: int, beta_k: Tensor, running: Tensor) -> None:
+        if k in wanted:
+            with torch.no_grad():
+                c = coupling(st.x, st.Gz)
+            kept[k] = {
+                name: v.detach().clone().cpu()
+                for name, v in (("x", st.x), ("x_decoded", st.Gz), ("z", st.z), ("beta", beta_k), ("coupling", c),
+                                ("running", running))
+            }  # fmt: skip
+
     everyone = torch.ones(B, dtype=torch.bool, device=x.device)
     conv, iters = _alternate(st, ctx, everyone, n1, n2, n_max, J_prev, outer=0)
+    snapshot(0, st.beta, everyone)
     info = {
         "method": "jpmap",
         "algorithm": "2.4" if alpha is not None else algorithm,
@@ -286,6 +314,7 @@ def jpmap(
         rho_ = 100.0 / d if rho is None else float(rho)
         satisfied = torch.zeros(B, dtype=torch.bool, device=x.device)
         outer_iters = torch.zeros(B, dtype=torch.long, device=x.device)
+        beta_k = st.beta.clone()  # the beta that produced each image's current iterate
         for k in range(1, k_max + 1):
             active = ~satisfied
             if not bool(active.any()):
@@ -295,11 +324,15 @@ def jpmap(
             _, it_k = _alternate(st, ctx, active, 0, 0, n_max, st.J.clone(), outer=k)
             iters += it_k
             outer_iters[active] += 1
+            beta_k[active] = st.beta[active]
+            snapshot(k, beta_k, active)
             C = coupling(st.x, st.Gz) - eps
             st.beta[active] = st.beta[active] * torch.exp((rho_ * C[active]).clamp(-50.0, 50.0))
             satisfied |= active & (C <= 0)
         conv = satisfied
         info.update(alpha=float(alpha), eps=eps, rho=rho_, k_max=k_max, outer_iterations=outer_iters.cpu())
+    if wanted:
+        info["snapshots"] = dict(sorted(kept.items()))
     info["seconds"] = clock()
     return Restoration(
         x=st.x, z=st.z, x_decoded=st.Gz, converged=conv, iterations=iters, history=ctx.hist.stack(), info=info
