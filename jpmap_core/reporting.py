@@ -52,5 +52,7 @@ def save_metrics(out_dir: str | os.PathLike, metrics: dict[str, Any], *, priors:
 
         out["weights_sha256"] = {name: weights_sha256(name) for name in priors}
     out.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    out.setdefault("versions", {"jpmap_core": __version__, "torch": torch.__version__, "python": platform.python_version()})
+    out.setdefault(
+        "versions", {"jpmap_core": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    )
     return atomic_write_json(Path(out_dir) / "metrics.json", _jsonable(out))

@@ -55,6 +55,7 @@ HEADLINE_KEYS = (
     "recon_psnr_mean",
     "psnr_mean",
     "test_elbo",
+    "final_test_elbo",
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 

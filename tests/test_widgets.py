@@ -1,0 +1,133 @@
+"""The explorer of notebooks/00_overview.ipynb: its callbacks run headless, render, and reject bad settings clearly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from jpmap_core.pretrained import load_pretrained
+from jpmap_core.widgets import build_explorer, explore, render
+
+TINY = {"adam_max_iters": 60, "k_max": 3}  # small budgets: the properties below hold for any budget
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny batches: one thread is fastest, and far faster than two on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return load_pretrained("mnist_mlp_dvae15")
+
+
+@pytest.fixture(scope="module")
+def images(mnist_test):
+    return mnist_test.images[:4]
+
+
+def test_explore_alg23_inpainting_gives_images_psnr_and_a_nonincreasing_J1(vae, images):
+    r = explore("inpainting", 10, 0.8, "2.3", 2, 4, 8, None, 1, vae=vae, images=images, **TINY)
+    assert list(r.images) == ["x*", "A^T y", "x_hat", "mu_theta(z_hat)"]
+    assert all(v.shape == (1, 1, 28, 28) for v in r.images.values())
+    torch.testing.assert_close(r.images["x*"], images[1:2])
+    assert set(r.psnr) == {"A^T y", "x_hat", "mu_theta(z_hat)"}
+    assert all(math.isfinite(v) for v in r.psnr.values())
+    # the restoration beats the degraded observation (80% of the pixels are zero in A^T y)
+    assert r.psnr["x_hat"] > r.psnr["A^T y"] + 1
+    assert 1 <= r.j1.numel() <= 8 and r.iterations == r.j1.numel()
+    assert float((r.j1[1:] - r.j1[:-1]).max()) <= 1e-3 * float(r.j1.abs().max())  # Prop. 2.1(1)
+    assert r.energy == pytest.approx(float(r.j1[-1]))
+    assert "inpainting" in r.summary() and "80% missing" in r.summary()
+
+
+def test_explore_csgm_compressed_sensing_has_no_J1_trace(vae, images):
+    r = explore("compressed sensing", 10, 140, "csgm", 0, 0, 1, None, 0, vae=vae, images=images, **TINY)
+    assert list(r.images) == ["x*", "A^dagger y", "x_hat"]
+    assert r.j1.numel() == 0 and math.isfinite(r.energy)
+    assert r.iterations == TINY["adam_max_iters"]  # stopped at the Adam cap
+    assert r.settings["level"] == 140 and r.settings["alpha"] is None
+
+
+def test_explore_alg24_increases_beta_between_outer_iterations(vae, images):
+    r = explore("denoising", 110, None, "2.4", 1, 2, 4, 30.0, 2, vae=vae, images=images, **TINY)
+    assert r.beta.numel() == r.j1.numel() == r.outer.numel()
+    assert float(r.beta[0]) == pytest.approx(0.1 * vae.beta, rel=1e-5)  # beta0 = 0.1 / gamma^2
+    assert bool((r.beta[1:] >= r.beta[:-1]).all())
+    assert int(r.outer.max()) >= 1  # at least one outer iteration of Alg. 2.4 ran
+    assert r.settings["level"] is None  # level means nothing for denoising
+
+
+def test_explore_same_seed_same_result_other_seed_other_mask(vae, images):
+    args = ("inpainting", 10, 0.8, "csgm", 0, 0, 1, None, 0)
+    a = explore(*args, vae=vae, images=images, seed=3, adam_max_iters=20)
+    b = explore(*args, vae=vae, images=images, seed=3, adam_max_iters=20)
+    c = explore(*args, vae=vae, images=images, seed=4, adam_max_iters=20)
+    torch.testing.assert_close(a.images["x_hat"], b.images["x_hat"], rtol=0, atol=0)
+    assert not torch.equal(a.images["A^T y"], c.images["A^T y"])
+
+
+def test_render_draws_the_images_with_psnr_and_the_J1_panel(vae, images):
+    import matplotlib.pyplot as plt
+
+    r = explore("inpainting", 10, 0.8, "2.3", 1, 2, 3, None, 0, vae=vae, images=images, **TINY)
+    fig = render(r)
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert sum("dB" in t for t in titles) == 3  # A^T y, x_hat, mu_theta(z_hat)
+        texts = {t.get_text() for ax in fig.axes for t in ax.texts}
+        assert {"(a)", "(b)"} <= texts
+        curve = fig.axes[-1].get_lines()[0].get_ydata()
+        assert len(curve) == r.j1.numel()
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("blur", 10, 0.8, "2.3", 1, 2, 3, None, 0), "problem must be one of"),
+        (("inpainting", 0, 0.8, "2.3", 1, 2, 3, None, 0), "sigma .* must be > 0"),
+        (("inpainting", 10, 80, "2.3", 1, 2, 3, None, 0), r"in \[0, 1\), got 80 \(a percentage"),
+        (("compressed sensing", 10, 0.2, "2.3", 1, 2, 3, None, 0), "number of measurements m"),
+        (("compressed sensing", 10, 5000, "2.3", 1, 2, 3, None, 0), r"in \[1, 784\]"),
+        (("inpainting", 10, 0.8, "2.3", 5, 2, 3, None, 0), "n1 <= n2 <= n_max"),
+        (("inpainting", 10, 0.8, "2.4", 1, 2, 3, 0.0, 0), "alpha > 0"),
+        (("inpainting", 10, 0.8, "2.2", 1, 2, 3, None, 0), "algorithm must be one of"),
+        (("inpainting", 10, 0.8, "2.3", 1, 2, 3, None, 4), r"index must be an integer in \[0, 3\]"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(vae, images, args, message):
+    with pytest.raises(ValueError, match=message):
+        explore(*args, vae=vae, images=images, **TINY)
+
+
+def test_build_explorer_shows_a_picture_and_turns_errors_into_text(vae, images):
+    import ipywidgets
+
+    box = build_explorer(vae, images, defaults={"n1": 1, "n2": 2, "n_max": 3, "adam_max_iters": 30})
+    assert isinstance(box, ipywidgets.Widget)
+    ex = box.explorer
+    assert ex.error is None and ex.result is not None
+    assert ex.picture.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ex.controls["m"].layout.display == "none"  # inpainting: the m slider is hidden
+
+    ex.controls["n1"].value = 3  # n1 > n2: invalid
+    assert ex.result is None and "n1 <= n2 <= n_max" in ex.error
+    assert "Invalid setting" in ex.status.value
+
+    ex.controls["n1"].value = 0
+    ex.controls["problem"].value = "compressed sensing"
+    assert ex.error is None and ex.result.settings["level"] == ex.controls["m"].value
+    assert ex.controls["m"].layout.display is None and ex.controls["missing"].layout.display == "none"
+
+
+def test_build_explorer_rejects_unknown_defaults(vae, images):
+    with pytest.raises(ValueError, match="unknown explorer defaults"):
+        build_explorer(vae, images, defaults={"iterations": 5}, run=False)
