@@ -56,6 +56,7 @@ HEADLINE_KEYS = (
     "psnr_mean",
     "test_elbo",
     "final_test_elbo",
+    "latent_gap_std_median",
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
