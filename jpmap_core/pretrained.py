@@ -7,6 +7,7 @@ The folder is ``$JPMAP_PRETRAINED_DIR`` when set, else ``data/pretrained`` of th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -106,7 +107,10 @@ def export_pretrained(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"name": name}))
     entry = dict(entry, file=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
-    manifest = load_manifest(directory)
-    manifest[name] = entry
-    atomic_write_json(directory / MANIFEST, dict(sorted(manifest.items())))
+    # Read-modify-write under an exclusive lock: several trainings may export into one folder at once.
+    with open(directory / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = load_manifest(directory)
+        manifest[name] = entry
+        atomic_write_json(directory / MANIFEST, dict(sorted(manifest.items())))
     return entry

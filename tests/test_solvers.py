@@ -65,8 +65,13 @@ def test_alg24_stops_with_the_constraint_satisfied(vae, digits):
 
 def test_alg24_snapshots_are_the_outer_iterates(vae, digits):
     """Snapshot k is (x_k, G(z_k), beta_k) of outer iteration k of Alg. 2.4 (Fig. 5): k = 0 is Alg. 2.3 run with
-    beta0 (line 2), the last one is the result, and their beta and coupling are those the history records."""
-    op, y = _inpainting(digits[:3])
+    beta0 (line 2), the last one is the result, and their beta and coupling are those the history records.
+
+    float64: images that finish outer iteration 0 early share Adam steps with images still in it, and in float32
+    the BLAS rounding of a different batch composition would hide the comparison with the plain Alg. 2.3 run.
+    """
+    vae = copy.deepcopy(vae).double()
+    op, y = _inpainting(digits[:3].double())
     kw = dict(sigma=10, n1=1, n2=2, n_max=4, **FAST)
     r = jpmap(y, op, vae, alpha=10, rho=1000 / 784, snapshots=range(10_000), **kw)
     snaps, outer_iters = r.info["snapshots"], r.info["outer_iterations"]
@@ -143,12 +148,13 @@ def test_batched_equals_per_image(vae, digits, variant):
         assert batch.iterations[b] == single.iterations[0]
         assert batch.converged[b] == single.converged[0]
         if variant != "csgm":
-            # each image's own sequence of iterations (rows where it was running), in order
-            rb, rs = batch.history["istar"][:, b] >= 0, single.history["istar"][:, 0] >= 0
-            hb, hs = batch.history["J1"][rb, b], single.history["J1"][rs, 0]
-            torch.testing.assert_close(hb, hs, rtol=1e-7, atol=1e-5)
-            assert torch.equal(batch.history["istar"][rb, b], single.history["istar"][rs, 0])
-            assert torch.equal(batch.history["outer"][rb, b], single.history["outer"][rs, 0])
+            # column b of the batch's history is the image's own history, row for row, then padding
+            T = single.history["istar"].shape[0]
+            for key in ("istar", "outer", "adam_steps"):
+                assert torch.equal(batch.history[key][:T, b], single.history[key][:, 0]), key
+                assert bool((batch.history[key][T:, b] == -1).all()), key
+            torch.testing.assert_close(batch.history["J1"][:T, b], single.history["J1"][:, 0], rtol=1e-7, atol=1e-5)
+            assert bool(batch.history["J1"][T:, b].isnan().all())
     if variant == "alg23":
         assert len(set(iters)) > 1, "the test should include images that stop at different iterations"
 

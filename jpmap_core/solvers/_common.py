@@ -38,17 +38,36 @@ class Restoration:
 
 
 class History:
-    """Collects one ``(B,)`` row per iteration for each named quantity; :meth:`stack` gives ``(T, B)``."""
+    """Per-image histories: each image appends its own rows (its own iterations, whenever it makes them).
 
-    def __init__(self) -> None:
-        self._rows: dict[str, list[Tensor]] = {}
+    ``record(rows, name=values, ...)`` appends one row for each image in ``rows`` (``values`` has ``len(rows)``
+    entries, possibly with trailing dimensions); :meth:`stack` gives ``(T, B, ...)`` tensors in which row ``t``
+    of column ``b`` is image ``b``'s ``t``-th record, padded with ``NaN`` (floats) or ``-1`` (integers) after it
+    stopped. An image's column is therefore the same whether it was solved alone or in a batch.
+    """
 
-    def record(self, **values: Tensor) -> None:
-        for k, v in values.items():
-            self._rows.setdefault(k, []).append(v.detach().clone().cpu())
+    def __init__(self, batch_size: int) -> None:
+        self.count = torch.zeros(batch_size, dtype=torch.long)
+        self._entries: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
+
+    def record(self, rows: Tensor, **values: Tensor) -> None:
+        rows = rows.cpu()
+        t = self.count[rows].clone()
+        self.count[rows] += 1
+        self._entries.append((rows, t, {k: v.detach().cpu() for k, v in values.items()}))
 
     def stack(self) -> dict[str, Tensor]:
-        return {k: torch.stack(v) for k, v in self._rows.items() if v}
+        if not self._entries:
+            return {}
+        T, B = int(self.count.max()), self.count.shape[0]
+        out: dict[str, Tensor] = {}
+        for name, v in self._entries[0][2].items():
+            fill = math.nan if v.is_floating_point() else -1
+            out[name] = torch.full((T, B, *v.shape[1:]), fill, dtype=v.dtype)
+        for rows, t, values in self._entries:
+            for name, v in values.items():
+                out[name][t, rows] = v
+        return out
 
 
 def masked(values: Tensor, mask: Tensor, fill: float = math.nan) -> Tensor:
@@ -68,6 +87,119 @@ class AdamResult:
     trace_seconds: Tensor | None = None  # (T,) elapsed seconds at each evaluation
 
 
+class AdamPool:
+    """Batched Adam over a pool of rows that start and stop independently (one row = one image's descent).
+
+    Each row has its own moments, step count and stopping rule: it stops when ``||grad||_2 / l < tol`` (the
+    official JPMAP criterion) or after ``max_iters`` gradient evaluations (then its final iterate is evaluated
+    too). The update is that of ``torch.optim.Adam`` applied to that row alone, so a row's trajectory does not
+    depend on which other rows share the step. ``loss_fn(z_rows, idx)`` returns the losses ``(len(idx),)`` of
+    rows ``idx``; only running rows are evaluated. :meth:`start` (re)starts rows at any time, :meth:`step`
+    advances every running row by one evaluation and returns the rows that finished. ``best_z`` / ``best_loss``
+    hold each row's best iterate (so a descent never ends above its start: the property ``J1(x, z+) <=
+    J1(x, z0)`` that Algorithms 2.2-2.3 require of ``gd_z``), ``steps`` its number of Adam updates.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        like: Tensor,
+        *,
+        lr: float = 0.01,
+        tol: float = 1e-4,
+        max_iters: int = 3000,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.loss_fn, self.lr, self.tol, self.max_iters = loss_fn, lr, tol, int(max_iters)
+        self.betas, self.eps = betas, eps
+        bsz = like.shape[0]
+        dev = like.device
+        self.z = torch.zeros_like(like)
+        self.m = torch.zeros_like(like)
+        self.v = torch.zeros_like(like)
+        self.t = torch.zeros(bsz, dtype=like.dtype, device=dev)
+        self.steps = torch.zeros(bsz, dtype=torch.long, device=dev)
+        self.evals = torch.zeros(bsz, dtype=torch.long, device=dev)
+        self.converged = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        self.running = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        self.best_z = torch.zeros_like(like)
+        self.best_loss = torch.full((bsz,), math.inf, dtype=like.dtype, device=dev)
+        self._instant = torch.zeros(bsz, dtype=torch.bool, device=dev)  # started with max_iters = 0
+        self.last: tuple[Tensor, Tensor] | None = None  # (rows, losses) of the last gradient evaluation
+        self.last_final: tuple[Tensor, Tensor] | None = None  # (rows, losses) of the last final evaluations
+
+    def start(self, rows: Tensor, z0: Tensor) -> None:
+        """(Re)start the descents of ``rows`` from ``z0`` (fresh moments and counters)."""
+        z0 = z0.detach()
+        self.z[rows] = z0
+        self.best_z[rows] = z0
+        for buf in (self.m, self.v, self.t):
+            buf[rows] = 0
+        self.steps[rows] = 0
+        self.evals[rows] = 0
+        self.converged[rows] = False
+        self.best_loss[rows] = math.inf
+        if self.max_iters > 0:
+            self.running[rows] = True
+        else:
+            self._instant[rows] = True
+
+    def busy(self) -> bool:
+        return bool(self.running.any()) or bool(self._instant.any())
+
+    def _keep_best(self, idx: Tensor, loss: Tensor, z: Tensor) -> None:
+        better = loss < self.best_loss[idx]
+        if bool(better.any()):
+            ib = idx[better]
+            self.best_loss[ib] = loss[better]
+            self.best_z[ib] = z[better]
+
+    def step(self) -> Tensor:
+        """One gradient evaluation (and Adam update) for every running row; returns the rows that finished."""
+        finished = [self._instant.nonzero().squeeze(1)]
+        self._instant.zero_()
+        self.last = self.last_final = None
+        idx = self.running.nonzero().squeeze(1)
+        if idx.numel():
+            b1, b2 = self.betas
+            with torch.enable_grad():
+                zi = self.z[idx].requires_grad_(True)
+                loss = self.loss_fn(zi, idx)
+                (g,) = torch.autograd.grad(loss.sum(), zi)
+            loss = loss.detach()
+            self.last = (idx, loss)
+            self._keep_best(idx, loss, zi.detach())
+            self.evals[idx] += 1
+            done = g.norm(dim=1) / g.shape[1] < self.tol
+            if bool(done.any()):
+                self.converged[idx[done]] = True
+                self.running[idx[done]] = False
+                finished.append(idx[done])
+            keep = ~done
+            iu, gu = idx[keep], g[keep]
+            if iu.numel():
+                tu = self.t[iu] + 1
+                self.t[iu] = tu
+                mu = b1 * self.m[iu] + (1 - b1) * gu
+                vu = b2 * self.v[iu] + (1 - b2) * gu * gu
+                self.m[iu], self.v[iu] = mu, vu
+                bc1, bc2 = (1 - b1**tu)[:, None], (1 - b2**tu)[:, None]
+                zu = self.z[iu] - self.lr * (mu / bc1) / ((vu / bc2).sqrt() + self.eps)
+                self.z[iu] = zu
+                self.steps[iu] += 1
+                capped = self.evals[iu] >= self.max_iters
+                if bool(capped.any()):  # out of evaluations: evaluate the final iterate too
+                    ic = iu[capped]
+                    with torch.no_grad():
+                        lc = self.loss_fn(zu[capped], ic).detach()
+                    self.last_final = (ic, lc)
+                    self._keep_best(ic, lc, zu[capped])
+                    self.running[ic] = False
+                    finished.append(ic)
+        return torch.cat(finished)
+
+
 def adam_minimize(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     z0: Tensor,
@@ -80,81 +212,38 @@ def adam_minimize(
     eps: float = 1e-8,
     record: bool = False,
 ) -> AdamResult:
-    """Batched Adam where each image has its own moments, step count and stopping rule.
+    """Batched Adam where each image has its own moments, step count and stopping rule (:class:`AdamPool` with
+    every row started at once from ``z0``; rows outside ``active`` stay at ``z0`` with loss ``inf``).
 
     ``loss_fn(z_rows, idx)`` returns the per-image losses ``(len(idx),)`` of the images ``idx`` (only images
     still running are evaluated, so the cost shrinks as images stop). An image stops when
     ``||grad||_2 / l < tol`` (the official JPMAP criterion) or after ``max_iters`` gradient evaluations.
-    The update is the same as ``torch.optim.Adam`` applied to that image alone. Returned ``z`` is the best
-    iterate seen (lowest loss), so the result never has a higher loss than ``z0`` -- the descent property
-    ``J1(x, z+) <= J1(x, z0)`` that Algorithms 2.2-2.3 require of ``gd_z``. ``record=True`` also returns the
-    per-evaluation loss of every image (``trace``, NaN after it stopped) and the elapsed seconds.
+    Returned ``z`` is the best iterate seen (lowest loss), so the result never has a higher loss than ``z0``.
+    ``record=True`` also returns the per-evaluation loss of every image (``trace``, NaN after it stopped) and
+    the elapsed seconds.
     """
     clock = Clock()
     rows: list[Tensor] = []
     times: list[float] = []
-    b1, b2 = betas
-    z = z0.detach().clone()
-    bsz, ldim = z.shape
-    run = torch.ones(bsz, dtype=torch.bool, device=z.device) if active is None else active.clone()
-    m = torch.zeros_like(z)
-    v = torch.zeros_like(z)
-    t = torch.zeros(bsz, dtype=z.dtype, device=z.device)
-    steps = torch.zeros(bsz, dtype=torch.long, device=z.device)
-    conv = torch.zeros(bsz, dtype=torch.bool, device=z.device)
-    best_z = z.clone()
-    best_loss = torch.full((bsz,), math.inf, dtype=z.dtype, device=z.device)
-    for _ in range(int(max_iters)):
-        idx = run.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        with torch.enable_grad():
-            zi = z[idx].requires_grad_(True)
-            loss = loss_fn(zi, idx)
-            (g,) = torch.autograd.grad(loss.sum(), zi)
-        loss = loss.detach()
+    bsz = z0.shape[0]
+    pool = AdamPool(loss_fn, z0, lr=lr, tol=tol, max_iters=max_iters, betas=betas, eps=eps)
+    pool.best_z.copy_(z0.detach())
+    start = torch.arange(bsz, device=z0.device) if active is None else active.nonzero().squeeze(1)
+    pool.start(start, z0.detach()[start])
+    pool._instant.zero_()  # max_iters = 0: nothing to evaluate
+    while pool.running.any():
+        pool.step()
         if record:
-            row = torch.full((bsz,), math.nan, dtype=z.dtype)
-            row[idx.cpu()] = loss.cpu()
-            rows.append(row)
-            times.append(clock())
-        better = loss < best_loss[idx]
-        if bool(better.any()):
-            ib = idx[better]
-            best_loss[ib] = loss[better]
-            best_z[ib] = zi.detach()[better]
-        done = g.norm(dim=1) / ldim < tol
-        if bool(done.any()):
-            conv[idx[done]] = True
-            run[idx[done]] = False
-        keep = ~done
-        iu, gu = idx[keep], g[keep]
-        if iu.numel() == 0:
-            continue
-        tu = t[iu] + 1
-        t[iu] = tu
-        mu = b1 * m[iu] + (1 - b1) * gu
-        vu = b2 * v[iu] + (1 - b2) * gu * gu
-        m[iu], v[iu] = mu, vu
-        bc1 = (1 - b1**tu)[:, None]
-        bc2 = (1 - b2**tu)[:, None]
-        z[iu] = z[iu] - lr * (mu / bc1) / ((vu / bc2).sqrt() + eps)
-        steps[iu] += 1
-    # images that hit max_iters: evaluate the final iterate too
-    idx = (run & (steps > 0)).nonzero().squeeze(1)
-    if idx.numel():
-        with torch.no_grad():
-            loss = loss_fn(z[idx], idx)
-        if record:
-            row = torch.full((bsz,), math.nan, dtype=z.dtype)
-            row[idx.cpu()] = loss.cpu()
-            rows.append(row)
-            times.append(clock())
-        better = loss < best_loss[idx]
-        best_loss[idx[better]] = loss[better]
-        best_z[idx[better]] = z[idx[better]]
+            for ev in (pool.last, pool.last_final):
+                if ev is not None:
+                    row = torch.full((bsz,), math.nan, dtype=z0.dtype)
+                    row[ev[0].cpu()] = ev[1].cpu()
+                    rows.append(row)
+                    times.append(clock())
     trace = torch.stack(rows) if record and rows else None
-    return AdamResult(best_z, best_loss, steps, conv, trace, torch.tensor(times) if record else None)
+    return AdamResult(
+        pool.best_z, pool.best_loss, pool.steps, pool.converged, trace, torch.tensor(times) if record else None
+    )
 
 
 def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: float, x0: Tensor | None, init: str, eps: float):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..energy import J1, as_beta, coupling, x_step
 from ..models import GaussianVAE
-from ._common import Clock, History, Restoration, adam_minimize, check_problem, masked
+from ._common import AdamPool, Clock, History, Restoration, check_problem
 
 ALGORITHMS = ("2.1", "2.2", "2.3")
 
@@ -49,20 +49,6 @@ class _Ctx:
     clock: Clock
 
 
-class _Next:
-    """The next iterate being assembled: rows are filled by the candidate each image accepts."""
-
-    def __init__(self, st: _State, run: Tensor) -> None:
-        self.x, self.z, self.Gz, self.J = st.x.clone(), st.z.clone(), st.Gz.clone(), st.J.clone()
-        self.istar = torch.full((st.x.shape[0],), -1, dtype=torch.long, device=st.x.device)
-        self.pending = run.clone()
-
-    def accept(self, rows: Tensor, which: int, x: Tensor, z: Tensor, Gz: Tensor, J: Tensor) -> None:
-        self.x[rows], self.z[rows], self.Gz[rows], self.J[rows] = x, z, Gz, J
-        self.istar[rows] = which
-        self.pending[rows] = False
-
-
 def _evaluate(st: _State, ctx: _Ctx, z_c: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """x-step (eq. 2.7) and J1 for candidate codes ``z_c`` of images ``idx``: returns ``(x, G(z), J1)`` rows.
 
@@ -78,105 +64,187 @@ def _evaluate(st: _State, ctx: _Ctx, z_c: Tensor, idx: Tensor) -> tuple[Tensor, 
     return x[idx], G[idx], J[idx]
 
 
-def _gd_z(st: _State, ctx: _Ctx, z_start: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """``gd_z J1(x_n, z)`` from ``z_start`` for images ``idx``: batched Adam on
-    ``J1 / beta = 1/2 ||x - mu_theta(z)||^2 + 1/(2 beta) ||z||^2`` (the official scaling; same minimisers)."""
-    x_rows, b_rows = st.x[idx], st.beta[idx]
-    decode = ctx.vae._decode  # inputs are produced here, already checked
-
-    def loss(zr: Tensor, sub: Tensor) -> Tensor:
-        return 0.5 * coupling(x_rows[sub], decode(zr)) + 0.5 * zr.pow(2).sum(1) / b_rows[sub]
-
-    res = adam_minimize(loss, z_start, **ctx.adam)
-    return res.z, res.steps
+START, DESC2, DESC3, DONE = 0, 1, 2, 3  # where each image is within its current iteration
 
 
-def _alternate(st: _State, ctx: _Ctx, run: Tensor, n1: int, n2: int, n_max: int, J_prev: Tensor, outer: int):
-    """One run of Alg. 2.1/2.2/2.3 on the images ``run`` (others untouched). Returns (converged, iterations)."""
-    B = st.x.shape[0]
-    dev = st.x.device
-    run = run.clone()
-    conv = torch.zeros(B, dtype=torch.bool, device=dev)
-    iters = torch.zeros(B, dtype=torch.long, device=dev)
-    sqrt_d, sqrt_l = math.sqrt(st.x[0].numel()), math.sqrt(st.z.shape[1])
-    for n in range(n_max):
-        idx = run.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        nxt = _Next(st, run)
-        steps = torch.zeros(B, dtype=torch.long, device=dev)
-        candJ = torch.full((B, 3), math.nan, dtype=st.x.dtype, device=dev)
-        pending, istar, accept = nxt.pending, nxt.istar, nxt.accept
+class _Engine:
+    """Algorithms 2.1, 2.2 and 2.3 with every image on its own schedule.
 
-        if ctx.algorithm == "2.1":  # exact case: z = argmin J2 = mu_phi(x), always kept
-            z1 = ctx.vae.encode(st.x[idx], allow_out_of_range=True)[0].detach()
-            x1, G1, J1v = _evaluate(st, ctx, z1, idx)
-            candJ[idx, 0] = J1v
-            accept(idx, 1, x1, z1, G1, J1v)
-        elif ctx.algorithm == "2.2":  # diagnostic: all three candidates, keep the best
-            z1 = ctx.vae.encode(st.x[idx], allow_out_of_range=True)[0].detach()
-            z2, s2 = _gd_z(st, ctx, z1, idx)
-            z3, s3 = _gd_z(st, ctx, st.z[idx], idx)
-            cands = [_evaluate(st, ctx, zc, idx) for zc in (z1, z2, z3)]
-            Js = torch.stack([c[2] for c in cands], 1)
-            candJ[idx] = Js
-            best = Js.argmin(1)
-            steps[idx] = s2 + s3
-            zs = torch.stack([z1, z2, z3], 1)
-            pick = torch.arange(idx.numel(), device=dev)
-            xs = torch.stack([c[0] for c in cands], 1)[pick, best]
-            Gs = torch.stack([c[1] for c in cands], 1)[pick, best]
-            accept(idx, 0, xs, zs[pick, best], Gs, Js[pick, best])
-            istar[idx] = best + 1
-        else:  # Alg. 2.3
-            z1_all = None
-            if n < n1:
-                z1_all = ctx.vae.encode(st.x[idx], allow_out_of_range=True)[0].detach()
-                x1, G1, J1v = _evaluate(st, ctx, z1_all, idx)
-                candJ[idx, 0] = J1v
-                ok = J1v < J_prev[idx]
+    Each image goes through its own iterations ``n`` (encoder guess ``z1``, descent from ``z1``, descent from
+    ``z_n``, x-step, convergence test) and, for continuation schemes (Alg. 2.4, Alg. 1.1), its own outer runs
+    ``k``. The z-descents of all images share one :class:`AdamPool`: every Adam step advances every image that is
+    descending, whatever its ``n`` or ``k``, so a batch costs about as many steps as its slowest image's total,
+    not the sum over iterations of the slowest image of each iteration (the lock-step schedule). An image's
+    computations never see another image's state, so its result and history are those of solving it alone.
+
+    ``on_run_end(rows)`` is called when images ``rows`` end a run (tolerance met or ``n_max`` iterations); it may
+    change their ``st.beta`` and returns which of them start the next run ``k + 1`` (with ``n1 = n2 = 0``).
+    """
+
+    def __init__(self, st: _State, ctx: _Ctx, n1: int, n2: int, n_max: int, J_prev: Tensor, on_run_end) -> None:
+        B = st.x.shape[0]
+        dev = st.x.device
+        self.st, self.ctx, self.n_max, self.J_prev, self.on_run_end = st, ctx, n_max, J_prev, on_run_end
+        self.phase = torch.full((B,), START, dtype=torch.long, device=dev)
+        self.n = torch.zeros(B, dtype=torch.long, device=dev)
+        self.k = torch.zeros(B, dtype=torch.long, device=dev)
+        self.n1 = torch.full((B,), n1, dtype=torch.long, device=dev)
+        self.n2 = torch.full((B,), n2, dtype=torch.long, device=dev)
+        self.iters = torch.zeros(B, dtype=torch.long, device=dev)
+        self.conv_run = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.steps_it = torch.zeros(B, dtype=torch.long, device=dev)
+        self.candJ = torch.full((B, 3), math.nan, dtype=st.x.dtype, device=dev)
+        self.z1 = torch.zeros_like(st.z)
+        self.sqrt_d, self.sqrt_l = math.sqrt(st.x[0].numel()), math.sqrt(st.z.shape[1])
+        if ctx.algorithm == "2.2":  # the three candidates of each image, to keep the best
+            self.cand = {
+                "x": torch.zeros(B, 3, *st.x.shape[1:], dtype=st.x.dtype, device=dev),
+                "G": torch.zeros(B, 3, *st.x.shape[1:], dtype=st.x.dtype, device=dev),
+                "z": torch.zeros(B, 3, st.z.shape[1], dtype=st.z.dtype, device=dev),
+            }
+        decode = ctx.vae._decode  # inputs are produced here, already checked
+
+        def loss(zr: Tensor, idx: Tensor) -> Tensor:  # J1 / beta: the official scaling, same minimisers
+            return 0.5 * coupling(st.x[idx], decode(zr)) + 0.5 * zr.pow(2).sum(1) / st.beta[idx]
+
+        self.pool = AdamPool(loss, st.z, **ctx.adam)
+
+    def run(self) -> None:
+        while True:
+            S = (self.phase == START).nonzero().squeeze(1)
+            if S.numel():
+                self._begin(S)
+            if self.pool.busy():
+                F = self.pool.step()
+                if F.numel():
+                    self._descent_done(F)
+            if not bool((self.phase != DONE).any()):
+                return
+
+    def _start_descent(self, rows: Tensor, z_start: Tensor, phase: int) -> None:
+        if rows.numel():
+            self.pool.start(rows, z_start)
+            self.phase[rows] = phase
+
+    def _begin(self, S: Tensor) -> None:
+        """Line 1 of iteration ``n`` for images ``S``: the encoder guess, and the descents it calls for."""
+        st, ctx = self.st, self.ctx
+        over = self.n[S] >= self.n_max
+        if bool(over.any()):  # n_max = 0: the run ends before any iteration
+            self.conv_run[S[over]] = False
+            self._end_run(S[over])
+            S = S[~over]
+            if S.numel() == 0:
+                return
+        n = self.n[S]
+        self.steps_it[S] = 0
+        self.candJ[S] = math.nan
+        alg = ctx.algorithm
+        need = (n < self.n1[S]) | (n < self.n2[S]) if alg == "2.3" else torch.ones_like(n, dtype=torch.bool)
+        if bool(need.any()):
+            with torch.no_grad():
+                self.z1[S[need]] = ctx.vae.encode(st.x[S[need]], allow_out_of_range=True)[0].detach()
+        if alg == "2.1":  # exact case: z = argmin J2 = mu_phi(x), always kept
+            x1, G1, J1v = _evaluate(st, ctx, self.z1[S], S)
+            self.candJ[S, 0] = J1v
+            self._finalize(S, 1, x1, self.z1[S], G1, J1v)
+        elif alg == "2.2":  # diagnostic: all three candidates, keep the best
+            x1, G1, J1v = _evaluate(st, ctx, self.z1[S], S)
+            self.candJ[S, 0] = J1v
+            self._store(S, 0, x1, G1, self.z1[S])
+            self._start_descent(S, self.z1[S], DESC2)
+        else:  # Alg. 2.3: the encoder guess while n < n1, kept if it lowers J1
+            rest = S
+            E = S[n < self.n1[S]]
+            if E.numel():
+                x1, G1, J1v = _evaluate(st, ctx, self.z1[E], E)
+                self.candJ[E, 0] = J1v
+                ok = J1v < self.J_prev[E]
                 if bool(ok.any()):
-                    accept(idx[ok], 1, x1[ok], z1_all[ok], G1[ok], J1v[ok])
-            if n < n2 and bool(pending.any()):
-                ip = pending.nonzero().squeeze(1)
-                if z1_all is not None:
-                    z1 = z1_all[pending[idx]]
-                else:
-                    z1 = ctx.vae.encode(st.x[ip], allow_out_of_range=True)[0].detach()
-                z2, s2 = _gd_z(st, ctx, z1, ip)
-                steps[ip] += s2
-                x2, G2, J2v = _evaluate(st, ctx, z2, ip)
-                candJ[ip, 1] = J2v
-                ok = J2v < J_prev[ip]
-                if bool(ok.any()):
-                    accept(ip[ok], 2, x2[ok], z2[ok], G2[ok], J2v[ok])
-            if bool(pending.any()):
-                ip = pending.nonzero().squeeze(1)
-                z3, s3 = _gd_z(st, ctx, st.z[ip], ip)
-                steps[ip] += s3
-                x3, G3, J3v = _evaluate(st, ctx, z3, ip)
-                candJ[ip, 2] = J3v
-                accept(ip, 3, x3, z3, G3, J3v)
+                    taken = torch.zeros_like(self.phase, dtype=torch.bool)
+                    taken[E[ok]] = True
+                    rest = S[~taken[S]]
+                    self._finalize(E[ok], 1, x1[ok], self.z1[E[ok]], G1[ok], J1v[ok])
+            from_z1 = self.n[rest] < self.n2[rest]
+            self._start_descent(rest[from_z1], self.z1[rest[from_z1]], DESC2)
+            self._start_descent(rest[~from_z1], st.z[rest[~from_z1]], DESC3)
 
-        delta = (nxt.x - st.x).flatten(1).norm(dim=1) / sqrt_d + (nxt.z - st.z).norm(dim=1) / sqrt_l
-        st.x[idx], st.z[idx], st.Gz[idx], st.J[idx] = nxt.x[idx], nxt.z[idx], nxt.Gz[idx], nxt.J[idx]
-        J_prev[idx] = nxt.J[idx]
-        iters[idx] += 1
+    def _store(self, rows: Tensor, i: int, x: Tensor, G: Tensor, z: Tensor) -> None:
+        self.cand["x"][rows, i], self.cand["G"][rows, i], self.cand["z"][rows, i] = x, G, z
+
+    def _descent_done(self, F: Tensor) -> None:
+        """Descents of images ``F`` ended: evaluate their candidate and accept it or go on."""
+        st, ctx = self.st, self.ctx
+        self.steps_it[F] += self.pool.steps[F]
+        zc = self.pool.best_z[F].clone()
+        x, G, J = _evaluate(st, ctx, zc, F)
+        d2 = self.phase[F] == DESC2
+        r2, r3 = F[d2], F[~d2]
+        if r2.numel():
+            self.candJ[r2, 1] = J[d2]
+            if ctx.algorithm == "2.2":
+                self._store(r2, 1, x[d2], G[d2], zc[d2])
+                self._start_descent(r2, st.z[r2], DESC3)
+            else:
+                ok = J[d2] < self.J_prev[r2]
+                self._start_descent(r2[~ok], st.z[r2[~ok]], DESC3)
+                if bool(ok.any()):
+                    self._finalize(r2[ok], 2, x[d2][ok], zc[d2][ok], G[d2][ok], J[d2][ok])
+        if r3.numel():
+            self.candJ[r3, 2] = J[~d2]
+            if ctx.algorithm == "2.2":
+                self._store(r3, 2, x[~d2], G[~d2], zc[~d2])
+                best = self.candJ[r3].argmin(1)
+                pick = torch.arange(r3.numel(), device=r3.device)
+                c = {k: v[r3, best] for k, v in self.cand.items()}
+                self._finalize(r3, best + 1, c["x"], c["z"], c["G"], self.candJ[r3][pick, best])
+            else:
+                self._finalize(r3, 3, x[~d2], zc[~d2], G[~d2], J[~d2])
+
+    def _finalize(self, R: Tensor, istar, x: Tensor, z: Tensor, G: Tensor, J: Tensor) -> None:
+        """Images ``R`` accept ``(x, z)``: record the iteration, test convergence, start the next one."""
+        st, ctx = self.st, self.ctx
+        delta = (x - st.x[R]).flatten(1).norm(dim=1) / self.sqrt_d + (z - st.z[R]).norm(dim=1) / self.sqrt_l
+        st.x[R], st.z[R], st.Gz[R], st.J[R] = x, z, G, J
+        self.J_prev[R] = J
+        self.iters[R] += 1
+        self.n[R] += 1
+        if not isinstance(istar, Tensor):
+            istar = torch.full((R.numel(),), istar, dtype=torch.long, device=R.device)
         ctx.hist.record(
-            J1=masked(st.J, run),
-            istar=masked(istar, run, -1),
-            beta=masked(st.beta, run),
-            coupling=masked(coupling(st.x, st.Gz), run),
-            adam_steps=masked(steps, run, -1),
-            delta=masked(delta, run),
-            J1_candidates=torch.where(run[:, None], candJ, torch.full_like(candJ, math.nan)),
-            outer=masked(torch.full((B,), outer, device=dev), run, -1),
-            seconds=torch.full((B,), ctx.clock(), dtype=torch.float64),
+            R,
+            J1=J,
+            istar=istar,
+            beta=st.beta[R],
+            coupling=coupling(x, G),
+            adam_steps=self.steps_it[R],
+            delta=delta,
+            J1_candidates=self.candJ[R],
+            outer=self.k[R],
+            seconds=torch.full((R.numel(),), ctx.clock(), dtype=torch.float64),
         )
-        done = run & (delta < ctx.tol)
-        conv |= done
-        run &= ~done
-    return conv, iters
+        self.phase[R] = START
+        done = delta < ctx.tol
+        end = done | (self.n[R] >= self.n_max)
+        if bool(end.any()):
+            self.conv_run[R[end]] = done[end]
+            self._end_run(R[end])
+
+    def _end_run(self, E: Tensor) -> None:
+        st, ctx = self.st, self.ctx
+        cont = self.on_run_end(E)
+        self.phase[E[~cont]] = DONE
+        C = E[cont]
+        if C.numel():
+            self.k[C] += 1
+            self.n[C] = 0
+            self.n1[C] = 0
+            self.n2[C] = 0
+            with torch.no_grad():  # J1 with the new beta: the reference of the next run's descent test
+                J = J1(st.x, st.z, ctx.y, ctx.op, ctx.vae, ctx.sigma, st.beta, mu_x=st.Gz)
+            st.J[C] = J[C]
+            self.J_prev[C] = J[C]
+            self.phase[C] = START
 
 
 def jpmap(
@@ -280,23 +348,58 @@ def jpmap(
     st = _State(x.clone(), z, Gz, J, b)
     ctx = _Ctx(
         y, op, vae, float(sigma), algorithm, float(tol),
-        {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(), clock,
+        {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(B), clock,
     )  # fmt: skip
     kept: dict[int, dict[str, Tensor]] = {}
+    filled: dict[int, Tensor] = {}
+    eps = (float(alpha) / 255.0) ** 2 * d if alpha is not None else None
+    rho_ = (100.0 / d if rho is None else float(rho)) if alpha is not None else None
+    satisfied = torch.zeros(B, dtype=torch.bool, device=x.device)
+    outer_iters = torch.zeros(B, dtype=torch.long, device=x.device)
+    beta_k = st.beta.clone()  # the beta that produced each image's current iterate
 
-    def snapshot(k: int, beta_k: Tensor, running: Tensor) -> None:
-        if k in wanted:
-            with torch.no_grad():
-                c = coupling(st.x, st.Gz)
-            kept[k] = {
-                name: v.detach().clone().cpu()
-                for name, v in (("x", st.x), ("x_decoded", st.Gz), ("z", st.z), ("beta", beta_k), ("coupling", c),
-                                ("running", running))
-            }  # fmt: skip
+    def snapshot(rows: Tensor, c: Tensor) -> None:
+        ks = eng.k[rows]
+        for k in ks.unique().tolist():
+            if k not in wanted:
+                continue
+            sel = ks == k
+            r = rows[sel]
+            if k not in kept:
+                kept[k] = {
+                    "x": torch.zeros_like(st.x), "x_decoded": torch.zeros_like(st.x), "z": torch.zeros_like(st.z),
+                    "beta": torch.zeros_like(st.beta), "coupling": torch.zeros_like(st.beta),
+                    "running": torch.zeros(B, dtype=torch.bool, device=x.device),
+                }  # fmt: skip
+                filled[k] = torch.zeros(B, dtype=torch.bool, device=x.device)
+            s_ = kept[k]
+            s_["x"][r], s_["x_decoded"][r], s_["z"][r] = st.x[r], st.Gz[r], st.z[r]
+            s_["beta"][r], s_["coupling"][r], s_["running"][r] = st.beta[r], c[sel], True
+            filled[k][r] = True
 
-    everyone = torch.ones(B, dtype=torch.bool, device=x.device)
-    conv, iters = _alternate(st, ctx, everyone, n1, n2, n_max, J_prev, outer=0)
-    snapshot(0, st.beta, everyone)
+    def on_run_end(E: Tensor) -> Tensor:
+        """End of outer iteration k of each image in E: snapshot; Alg. 2.4's multiplier update and stopping test."""
+        k = eng.k[E]
+        with torch.no_grad():
+            c = coupling(st.x[E], st.Gz[E])
+        beta_k[E] = st.beta[E]
+        if wanted:
+            snapshot(E, c)
+        if alpha is None:
+            return torch.zeros_like(E, dtype=torch.bool)
+        later = k >= 1  # line 2 (k = 0) runs Alg. 2.3 once; the multiplier updates follow each later run
+        outer_iters[E[later]] += 1
+        C = c - eps
+        up = E[later]
+        st.beta[up] = st.beta[up] * torch.exp((rho_ * C[later]).clamp(-50.0, 50.0))
+        sat = later & (C <= 0)
+        satisfied[E[sat]] = True
+        return ~sat & (k < k_max)
+
+    eng = _Engine(st, ctx, n1, n2, n_max, J_prev, on_run_end)
+    eng.run()
+    iters = eng.iters
+    conv = eng.conv_run if alpha is None else satisfied
     info = {
         "method": "jpmap",
         "algorithm": "2.4" if alpha is not None else algorithm,
@@ -310,29 +413,15 @@ def jpmap(
         "init": "given" if x0 is not None else init,
     }
     if alpha is not None:
-        eps = (float(alpha) / 255.0) ** 2 * d
-        rho_ = 100.0 / d if rho is None else float(rho)
-        satisfied = torch.zeros(B, dtype=torch.bool, device=x.device)
-        outer_iters = torch.zeros(B, dtype=torch.long, device=x.device)
-        beta_k = st.beta.clone()  # the beta that produced each image's current iterate
-        for k in range(1, k_max + 1):
-            active = ~satisfied
-            if not bool(active.any()):
-                break
-            with torch.no_grad():
-                st.J = J1(st.x, st.z, y, op, vae, sigma, st.beta, mu_x=st.Gz)
-            _, it_k = _alternate(st, ctx, active, 0, 0, n_max, st.J.clone(), outer=k)
-            iters += it_k
-            outer_iters[active] += 1
-            beta_k[active] = st.beta[active]
-            snapshot(k, beta_k, active)
-            C = coupling(st.x, st.Gz) - eps
-            st.beta[active] = st.beta[active] * torch.exp((rho_ * C[active]).clamp(-50.0, 50.0))
-            satisfied |= active & (C <= 0)
-        conv = satisfied
         info.update(alpha=float(alpha), eps=eps, rho=rho_, k_max=k_max, outer_iterations=outer_iters.cpu())
     if wanted:
-        info["snapshots"] = dict(sorted(kept.items()))
+        with torch.no_grad():
+            c_final = coupling(st.x, st.Gz)
+        for k, s_ in kept.items():  # images that stopped before k: their final iterate
+            rest = ~filled[k]
+            s_["x"][rest], s_["x_decoded"][rest], s_["z"][rest] = st.x[rest], st.Gz[rest], st.z[rest]
+            s_["beta"][rest], s_["coupling"][rest] = beta_k[rest], c_final[rest]
+        info["snapshots"] = {k: {n: v.detach().clone().cpu() for n, v in kept[k].items()} for k in sorted(kept)}
     info["seconds"] = clock()
     return Restoration(
         x=st.x, z=st.z, x_decoded=st.Gz, converged=conv, iterations=iters, history=ctx.hist.stack(), info=info

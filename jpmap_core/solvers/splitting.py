@@ -18,7 +18,7 @@ from torch import Tensor
 from ..energy import J1, as_beta
 from ..models import GaussianVAE
 from ._common import Clock, History, Restoration, check_problem
-from .jpmap import _alternate, _Ctx, _State
+from .jpmap import _Ctx, _Engine, _State
 
 
 def mapz_splitting(
@@ -62,17 +62,20 @@ def mapz_splitting(
     st = _State(x.clone(), z, Gz, J, b)
     ctx = _Ctx(
         y, op, vae, float(sigma), "2.3", float(tol),
-        {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(), clock,
+        {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(B), clock,
     )  # fmt: skip
-    iters = torch.zeros(B, dtype=torch.long, device=x.device)
-    everyone = torch.ones(B, dtype=torch.bool, device=x.device)
-    conv = everyone
-    for k, beta_k in enumerate(betas):
-        st.beta.fill_(beta_k)
-        with torch.no_grad():
-            st.J = J1(st.x, st.z, y, op, vae, sigma, st.beta, mu_x=st.Gz)
-        conv, it = _alternate(st, ctx, everyone, 0, 0, maxiter, st.J.clone(), outer=k)
-        iters += it
+
+    def on_run_end(E: Tensor) -> Tensor:  # next beta of the schedule, image by image
+        nxt = eng.k[E] + 1
+        cont = nxt < len(betas)
+        if bool(cont.any()):
+            st.beta[E[cont]] = schedule[nxt[cont]]
+        return cont
+
+    schedule = torch.tensor(betas, dtype=x.dtype, device=x.device)
+    eng = _Engine(st, ctx, 0, 0, maxiter, st.J.clone(), on_run_end)
+    eng.run()
+    conv, iters = eng.conv_run, eng.iters
     return Restoration(
         x=st.x,
         z=st.z,
