@@ -198,6 +198,9 @@ METRICS = {
         ({"key": "table.1.psnr_mean", "op": ">", "value": 0}, False),  # null (NaN) never passes
         ({"key": "table.2.psnr_mean", "op": ">", "value": 0}, False),  # missing
         ({"key": "data_source", "op": ">", "value": 3}, False),  # incomparable
+        # recorded on another data source: not applied; on this one: applied
+        ({"key": "table.0.psnr_mean", "approx": 99.0, "abs_tol": 0.1, "if_data_source": "celeba"}, True),
+        ({"key": "table.0.psnr_mean", "approx": 99.0, "abs_tol": 0.1, "if_data_source": "mni"}, False),
     ],
 )
 def test_check_metrics_evaluates_each_kind_of_check(check, passes):
@@ -224,6 +227,7 @@ def test_check_metrics_failure_message_names_key_value_and_why():
         {"key": "psnr_jpmap", "op": "!=", "value": 1, "why": "w"},
         {"key": "psnr_jpmap", "op": "<", "other": "psnr_csgm", "why": "w"},
         {"key": "psnr_jpmap", "approx": 25.0, "why": "w"},  # no abs_tol
+        {"key": "psnr_jpmap", "approx": 25.0, "abs_tol": 1, "if_data_source": 3, "why": "w"},
         {"key": "psnr_jpmap", "op": ">", "value": 1, "other": "psnr_csgm", "why": "w"},
     ],
 )
