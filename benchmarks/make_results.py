@@ -1,0 +1,42 @@
+"""Print the markdown table of a ``bench_solvers.py`` JSON file (what ``benchmarks/RESULTS.md`` shows).
+
+python benchmarks/make_results.py benchmarks/results_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def table(path: str) -> str:
+    d = json.load(open(path))
+    m = d["machine"]
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), Python {m['python']}. Prior `{d['prior']}` (sha256 "
+        f"`{d['weights_sha256'][:12]}...`), data: {d['data_source']}. Alg. 2.4 k_max = {d['alg24_k_max']}. "
+        f"{d['loop_note']}."
+    ]
+    if "step_ms" in d:
+        lines[0] += " One Adam step: " + ", ".join(f"{v:.2f} ms on {k} image(s)" for k, v in d["step_ms"].items()) + "."
+    lines += [
+        "",
+        "| problem | method | batched s (median) | repeats | images/s | loop s (scaled) | speed-up vs loop "
+        "| model ceiling | Adam steps/image mean (max) | peak RSS MB | PSNR dB | converged | max abs diff vs loop |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        ceil = f"{r['model_ceiling']:.1f}x" if "model_ceiling" in r else "-"
+        steps = f"{r['adam_steps_mean']:.0f} ({r['adam_steps_max']:.0f})" if "adam_steps_mean" in r else "-"
+        lines.append(
+            f"| {r['problem']} | {r['method']} | {r['seconds']:.1f} | {r['repeats']} | {r['images_per_second']:.2f} "
+            f"| {r['loop_seconds_scaled']:.0f} | {r['speedup_vs_loop']:.1f}x | {ceil} | {steps} "
+            f"| {r['peak_mem_mb']:.0f} | {r['psnr_mean']:.2f} | {r['converged_fraction']:.2f} "
+            f"| {r['max_abs_diff_vs_loop']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json"))
