@@ -44,3 +44,32 @@ def test_dvae15_reconstructs_mnist_test_digits(mnist_test):
         p_noisy = psnr(vae.decode(vae.encode(noisy)[0]), x)
     assert float(p.mean()) > 18.0  # mu_theta(mu_phi(x)) of an 8-dim VAE: blurry but faithful
     assert float(p_noisy.mean()) > float(p.mean()) - 0.5  # the DVAE encoder is robust to sigma_DVAE noise
+
+
+SWEEP = {s: f"mnist_mlp_e50_dvae{str(s).replace('.', 'p')}" for s in (0, 2.5, 5, 10, 15, 20, 30, 50)}
+
+
+def test_sweep_priors_share_one_recipe_but_sigma_dvae():
+    """Issue 5 / Figs. 1-2: one prior per sigma_DVAE, all with the same (50-epoch) recipe, so that only the
+    denoising criterion differs between members."""
+    manifest = load_manifest()
+    missing = [n for n in SWEEP.values() if n not in manifest]
+    assert not missing, f"sweep priors missing from the manifest: {missing}"
+    recipes = []
+    for s, name in SWEEP.items():
+        e = manifest[name]
+        assert e["recipe"]["sigma_dvae"] == s
+        assert e["epochs"] == e["recipe"]["epochs"] == 50
+        assert e["data"]["n_train"] == 60000 and "official" in e["data"]["data_source"]
+        assert sha256_file(pretrained_dir() / e["file"]) == e["sha256"]
+        recipes.append({k: v for k, v in e["recipe"].items() if k != "sigma_dvae"})
+        recipes[-1]["model"] = e["model"]
+    assert all(r == recipes[0] for r in recipes), "sweep members must differ only in sigma_dvae"
+
+
+@pytest.mark.parametrize("sigma_dvae", list(SWEEP))
+def test_sweep_prior_test_elbo_matches_the_manifest(sigma_dvae, mnist_test):
+    name = SWEEP[sigma_dvae]
+    vae = load_pretrained(name)
+    elbo = evaluate_elbo(vae, mnist_test.images)
+    assert elbo == pytest.approx(load_manifest()[name]["final_test_elbo"], rel=1e-3)
