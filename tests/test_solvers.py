@@ -240,5 +240,7 @@ def test_bad_input_is_rejected_with_the_argument_named(vae, digits):
         jpmap(y, op, vae, sigma=10, alpha=-1)
     with pytest.raises(ValueError, match="betas"):
         mapz_splitting(y, op, vae, betas=[10.0, 1.0], sigma=10)
+    with pytest.raises(ValueError, match="max_iters"):
+        csgm(y, op, vae, sigma=10, max_iters=0)
     with pytest.raises(TypeError, match="op must provide"):
         jpmap(y, object(), vae, sigma=10)

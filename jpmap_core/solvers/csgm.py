@@ -45,6 +45,8 @@ def csgm(
     lam = s * s if lam is None else float(lam)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+        raise ValueError(f"max_iters must be an integer >= 1 (Adam steps per restart), got {max_iters!r}")
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     B, ldim = x0.shape[0], vae.latent_dim

@@ -1,0 +1,735 @@
+"""The MNIST restoration benchmark of JPMAP §3.4 (Figs. 6 and 7): CSGM against JPMAP over three degradation sweeps.
+
+Problems and levels (the paper's, ``PAPER_LEVELS``):
+
+* ``denoising`` -- ``A = I``, noise std ``sigma`` in {25, 50, 75, 110, 150} (0-255 scale);
+* ``compressed_sensing`` -- ``m`` in {40, 80, 140, 200, 300} Gaussian measurements (``A`` with i.i.d.
+  ``N(0, 1/m)`` entries), noise std ``sigma = 10``;
+* ``inpainting`` -- a fraction in {0.5, ..., 0.9} of the pixels missing (one random mask per image), ``sigma = 10``.
+
+Methods (``METHODS``), all with the same VAE prior, the same degraded images and the same iteration caps
+(:class:`Budget`):
+
+* ``csgm`` -- CSGM (eq. 1.3, lambda = sigma^2 as in the paper);
+* ``jpmap_fixed_beta`` -- JPMAP Algorithm 2.3 with ``beta = 1/gamma^2``;
+* ``jpmap_alpha1``, ``jpmap_alpha5``, ``jpmap_alpha10`` -- Algorithm 2.4 with ``eps = (alpha/255)^2 d``, starting at
+  ``beta0 = 0.1/gamma^2`` with the rate ``rho = 100/d`` (the official code's defaults).
+
+Every (problem, level) draws its operator (mask, matrix) and its noise from its own ``torch.Generator`` seeded by
+:func:`level_seed` -- a function of the notebook's ``SEED``, the problem and the level only, so a level gets the
+same degradation whichever other levels run with it. The restorations are clamped to [0, 1] before every metric,
+for all methods alike. A solver call restores all images of a (problem, level) at once (the solvers are batched);
+the inpainting levels all share ``sigma = 10``, so by default they run as **one** batch with one mask per image
+(``Inpainting(masks)`` with a ``(B, 1, H, W)`` mask): the solvers give every image its own state, so the result of
+an image does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import textwrap
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._io import atomic_write_text
+from .metrics import lpips, lpips_status, psnr, ssim
+from .operators import CompressedSensing, Denoising, Inpainting, LinearOperator
+from .solvers import csgm, jpmap
+
+__all__ = [
+    "ALPHAS",
+    "Benchmark",
+    "Budget",
+    "Degraded",
+    "METHODS",
+    "MEASUREMENT_SIGMA",
+    "PAPER_LEVELS",
+    "PROBLEMS",
+    "degrade",
+    "level_key",
+    "level_seed",
+    "nearest_level",
+    "plot_sweeps",
+    "psnr_gain",
+    "qualitative_grid",
+    "results_table",
+    "run_benchmark",
+    "score",
+    "solve",
+    "table_markdown",
+    "win_fraction",
+    "write_csv",
+]
+
+PROBLEMS = ("denoising", "compressed_sensing", "inpainting")
+METHODS = ("csgm", "jpmap_fixed_beta", "jpmap_alpha1", "jpmap_alpha5", "jpmap_alpha10")
+ALPHAS = {"jpmap_alpha1": 1.0, "jpmap_alpha5": 5.0, "jpmap_alpha10": 10.0}
+PAPER_LEVELS: dict[str, tuple[float, ...]] = {
+    "denoising": (25, 50, 75, 110, 150),
+    "compressed_sensing": (40, 80, 140, 200, 300),
+    "inpainting": (0.5, 0.6, 0.7, 0.8, 0.9),
+}
+MEASUREMENT_SIGMA = 10.0  # noise std (0-255) of compressed sensing and inpainting (paper Figs. 6-7)
+IMAGE_SHAPE = (1, 28, 28)
+
+METHOD_LABELS = {
+    "csgm": "CSGM",
+    "jpmap_fixed_beta": r"JPMAP ($\beta = 1/\gamma^2$)",
+    "jpmap_alpha1": r"JPMAP $\alpha = 1$",
+    "jpmap_alpha5": r"JPMAP $\alpha = 5$",
+    "jpmap_alpha10": r"JPMAP $\alpha = 10$",
+}
+PROBLEM_LABELS = {"denoising": "Denoising", "compressed_sensing": "Compressed sensing", "inpainting": "Inpainting"}
+LEVEL_AXIS = {
+    "denoising": r"noise std $\sigma$ (grey levels, 0-255)",
+    "compressed_sensing": r"measurements $m$ (of $d = 784$), $\sigma = 10$",
+    "inpainting": r"missing pixels (%), $\sigma = 10$",
+}
+#: +1: a larger level is more ill-posed (more noise, more missing pixels); -1: a smaller one (fewer measurements)
+ILL_POSED_DIRECTION = {"denoising": 1, "compressed_sensing": -1, "inpainting": 1}
+
+
+def _check_problem(problem: str) -> str:
+    if problem not in PROBLEMS:
+        raise ValueError(f"unknown problem {problem!r}; expected one of {PROBLEMS}")
+    return problem
+
+
+def _check_level(problem: str, level: float) -> float:
+    """The level as a number (an int for integral noise levels and measurement counts), checked for its problem."""
+    try:
+        v = float(level)
+    except (TypeError, ValueError):
+        raise TypeError(f"the level of {problem} must be a number, got {level!r}") from None
+    if problem == "denoising" and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"denoising levels are noise stds > 0 on the 0-255 scale, got {level!r}")
+    if problem == "compressed_sensing" and not (v == int(v) and 1 <= v):
+        raise ValueError(f"compressed sensing levels are numbers of measurements m >= 1, got {level!r}")
+    if problem == "inpainting" and not 0 <= v < 1:
+        raise ValueError(f"inpainting levels are fractions of missing pixels in [0, 1), got {level!r}")
+    return int(v) if problem != "inpainting" and v.is_integer() else v
+
+
+def level_key(level: float) -> str:
+    """The level as a short string, the key of per-level dicts in metrics.json: ``25``, ``140``, ``0.8``."""
+    return f"{float(level):g}"
+
+
+def level_seed(seed: int, problem: str, level: float) -> int:
+    """Seed of the generator that draws the operator and the noise of ``(problem, level)``.
+
+    Depends only on ``seed``, the problem and the level (not on which other levels run), so that every method
+    and every profile sees the same degradation of a given image at a given level.
+    """
+    _check_problem(problem)
+    tag = zlib.crc32(f"{problem}/{level_key(level)}".encode())
+    return (int(seed) * 1_000_003 + tag) % (2**62)
+
+
+@dataclass
+class Degraded:
+    """Measurements of a batch of images: ``y = A x + n`` with noise std ``sigma`` (0-255 scale).
+
+    ``levels``: the level of each image (a batch may mix inpainting levels); ``observation``: what the paper's
+    Fig. 7 shows as the corrupted image (``y`` for denoising, ``A^T y`` for inpainting, missing pixels black;
+    ``None`` for compressed sensing, whose ``y`` is not an image).
+    """
+
+    problem: str
+    levels: list[float]
+    sigma: float
+    op: LinearOperator
+    y: Tensor
+    observation: Tensor | None
+
+
+def degrade(problem: str, level: float, x: Tensor, seed: int) -> Degraded:
+    """Degrade the images ``x`` (CPU, ``(B, 1, 28, 28)``) at ``level``, drawing from ``level_seed(seed, ...)``."""
+    _check_problem(problem)
+    level = _check_level(problem, level)
+    g = torch.Generator().manual_seed(level_seed(seed, problem, level))
+    if problem == "denoising":
+        op, sigma = Denoising(), level
+    elif problem == "compressed_sensing":
+        op, sigma = CompressedSensing(int(level), tuple(x.shape[1:]), generator=g), MEASUREMENT_SIGMA
+    else:
+        op = Inpainting(image_shape=tuple(x.shape[1:]), missing=level, batch_size=x.shape[0], generator=g)
+        sigma = MEASUREMENT_SIGMA
+    y = op.degrade(x, sigma, generator=g)
+    observation = {"denoising": y, "compressed_sensing": None, "inpainting": op.A_adjoint(y)}[problem]
+    return Degraded(problem, [level] * x.shape[0], sigma, op, y, observation)
+
+
+def _merge_inpainting(parts: Sequence[Degraded]) -> Degraded:
+    """One batch of several inpainting levels (same sigma): per-image masks stacked in level order."""
+    op = Inpainting(torch.cat([p.op.mask for p in parts]))
+    return Degraded(
+        "inpainting",
+        [lv for p in parts for lv in p.levels],
+        parts[0].sigma,
+        op,
+        torch.cat([p.y for p in parts]),
+        torch.cat([p.observation for p in parts]),
+    )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Iteration caps and Alg. 2.4 settings, the same for every problem and level.
+
+    Paper / official code: ``n1 = 25, n2 = 150`` (§3.4), ``n_max = 300``, every JPMAP z-step at most 3000 Adam steps,
+    CSGM's descent at most 5000, Alg. 2.4 at most ``k_max = 350`` outer iterations with ``rho = 100/d`` and
+    ``beta0 = 0.1/gamma^2``.
+    """
+
+    n1: int = 25
+    n2: int = 150
+    n_max: int = 300
+    adam_max_iters: int = 3000
+    csgm_max_iters: int = 5000
+    k_max: int = 350
+    rho_d: float = 100.0
+    beta0_gamma2: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("n1", "n2", "n_max", "adam_max_iters", "csgm_max_iters", "k_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Budget.{name} must be an integer >= 0, got {v!r}")
+        if self.csgm_max_iters < 1:
+            raise ValueError(f"Budget.csgm_max_iters must be >= 1, got {self.csgm_max_iters}")
+        if not self.n1 <= self.n2 <= self.n_max:
+            raise ValueError(f"Alg. 2.3 needs n1 <= n2 <= n_max, got {self.n1}, {self.n2}, {self.n_max}")
+        for name in ("rho_d", "beta0_gamma2"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"Budget.{name} must be a finite number > 0, got {v!r}")
+
+
+def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float, budget: Budget):
+    """Restore a batch with ``method`` (one of :data:`METHODS`) under ``budget``; returns the solver's Restoration."""
+    if method == "csgm":
+        return csgm(y, op, vae, sigma=sigma, max_iters=budget.csgm_max_iters)  # lambda = sigma^2 (default)
+    common = dict(sigma=sigma, n1=budget.n1, n2=budget.n2, n_max=budget.n_max, adam_max_iters=budget.adam_max_iters)
+    if method == "jpmap_fixed_beta":
+        return jpmap(y, op, vae, **common)  # Alg. 2.3, beta = 1/gamma^2
+    if method in ALPHAS:
+        d = math.prod(y.shape[1:]) if op.d is None else op.d
+        return jpmap(
+            y, op, vae, alpha=ALPHAS[method], beta0=budget.beta0_gamma2 * vae.beta, rho=budget.rho_d / d,
+            k_max=budget.k_max, **common,
+        )  # fmt: skip
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def score(x: Tensor, ref: Tensor, *, with_lpips: bool) -> dict[str, Tensor]:
+    """Per-image PSNR, SSIM and LPIPS of the restoration ``x`` **clamped to [0, 1]** (LPIPS NaN when not asked)."""
+    xc = x.detach().clamp(0, 1)
+    out = {"psnr": psnr(xc, ref).cpu(), "ssim": ssim(xc, ref).cpu()}
+    if with_lpips:
+        out["lpips"] = lpips(xc, ref).cpu()
+    else:
+        out["lpips"] = torch.full((x.shape[0],), math.nan)
+    return out
+
+
+@dataclass
+class Record:
+    """The restorations of one (problem, level, method), per image, with their metrics (all on the CPU)."""
+
+    x: Tensor  # clamped to [0, 1]
+    psnr: Tensor
+    ssim: Tensor
+    lpips: Tensor
+    converged: Tensor
+    outer_iterations: Tensor | None  # Alg. 2.4 only
+
+
+@dataclass
+class Benchmark:
+    """Everything :func:`run_benchmark` computed."""
+
+    x_true: Tensor
+    levels: dict[str, list[float]]
+    methods: list[str]
+    budget: Budget
+    records: dict[tuple[str, str, str], Record] = field(default_factory=dict)  # (problem, level_key, method)
+    observations: dict[tuple[str, str], Tensor | None] = field(default_factory=dict)
+    x0_psnr: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # PSNR of x0 = A_dagger y (§3.4), clamped
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # {problem: {method: solver seconds}}
+    lpips_available: bool = False
+    lpips_reason: str = ""
+
+    @property
+    def n_images(self) -> int:
+        return int(self.x_true.shape[0])
+
+    def record(self, problem: str, level: float, method: str) -> Record:
+        return self.records[(problem, level_key(level), method)]
+
+
+@dataclass
+class _Solved:
+    """What a solver call hands back (on the CPU): the restorations, clamped, and how each image stopped."""
+
+    x: Tensor
+    converged: Tensor
+    outer_iterations: Tensor | None
+    seconds: float
+
+
+def _solve_call(method: str, batch: Degraded, vae, budget: Budget, device: torch.device) -> _Solved:
+    t0 = time.perf_counter()
+    r = solve(method, batch.y.to(device), batch.op, vae, batch.sigma, budget)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    outer = r.info.get("outer_iterations")
+    return _Solved(
+        x=r.x.detach().clamp(0, 1).cpu(),
+        converged=r.converged.cpu(),
+        outer_iterations=None if outer is None else outer.cpu(),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(vae, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["vae"] = vae
+
+
+def _worker_call(method: str, batch: Degraded, budget: Budget) -> _Solved:
+    return _solve_call(method, batch, _WORKER["vae"], budget, torch.device("cpu"))
+
+
+#: the order in which a pool starts the calls: the longest first, so that the workers finish together
+_COST_RANK = {"jpmap_alpha1": 0, "jpmap_alpha5": 1, "jpmap_alpha10": 2, "jpmap_fixed_beta": 3, "csgm": 4}
+
+
+def run_benchmark(
+    x: Tensor,
+    vae,
+    levels: Mapping[str, Sequence[float]],
+    *,
+    methods: Sequence[str] = METHODS,
+    budget: Budget | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    merge_inpainting: bool = True,
+    workers: int = 1,
+    progress: bool = False,
+) -> Benchmark:
+    """Degrade the images ``x`` at every level of every problem in ``levels`` and restore them with every method.
+
+    One solver call per (problem, level, method) restores all images at once; with ``merge_inpainting`` the
+    inpainting levels share one call per method. Metrics are computed on the restorations clamped to [0, 1].
+    ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
+    thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
+    then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
+    """
+    from tqdm.auto import tqdm
+
+    budget = budget or Budget()
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    unknown = [p for p in levels if p not in PROBLEMS]
+    if unknown:
+        raise ValueError(f"unknown problems {unknown}; expected keys among {PROBLEMS}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    x = x.detach().cpu()
+    dev = torch.device(device)
+    available, reason = lpips_status()
+    bench = Benchmark(
+        x_true=x,
+        levels={p: [_check_level(p, lv) for lv in levels[p]] for p in PROBLEMS if p in levels and levels[p]},
+        methods=list(methods),
+        budget=budget,
+        lpips_available=available,
+        lpips_reason=reason,
+    )
+    batches: list[Degraded] = []
+    for problem, lvls in bench.levels.items():
+        if len({level_key(lv) for lv in lvls}) != len(lvls):
+            raise ValueError(f"{problem} levels must be distinct, got {lvls}")
+        parts = [degrade(problem, lv, x, seed) for lv in lvls]
+        for lv, part in zip(lvls, parts, strict=True):
+            bench.observations[(problem, level_key(lv))] = part.observation
+            bench.x0_psnr[(problem, level_key(lv))] = psnr(part.op.A_dagger(part.y).clamp(0, 1), x)
+        if problem == "inpainting" and merge_inpainting and len(parts) > 1:
+            batches.append(_merge_inpainting(parts))
+        else:
+            batches.extend(parts)
+    jobs = [(b, m) for b in batches for m in methods]
+    bar = tqdm(total=len(jobs), desc="solver calls", disable=not progress)
+    results: dict[int, _Solved] = {}
+    if workers > 1 and dev.type == "cpu" and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        order = sorted(range(len(jobs)), key=lambda i: (_COST_RANK[jobs[i][1]], -len(jobs[i][0].levels)))
+        ctx = mp.get_context("spawn")  # a clean interpreter: safe under Jupyter's threads, whatever the platform
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+                                 initargs=(vae, 1)) as pool:  # fmt: skip
+            futures = {pool.submit(_worker_call, jobs[i][1], jobs[i][0], budget): i for i in order}
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update()
+    else:
+        for i, (batch, method) in enumerate(jobs):
+            results[i] = _solve_call(method, batch, vae, budget, dev)
+            bar.update()
+    bar.close()
+    n = x.shape[0]
+    for i, (batch, method) in enumerate(jobs):
+        out = results[i]
+        bench.seconds.setdefault(batch.problem, {}).setdefault(method, 0.0)
+        bench.seconds[batch.problem][method] += out.seconds
+        s = score(out.x, x.repeat(len(batch.levels) // n, 1, 1, 1), with_lpips=available)
+        for j in range(0, len(batch.levels), n):
+            rows = slice(j, j + n)
+            bench.records[(batch.problem, level_key(batch.levels[j]), method)] = Record(
+                x=out.x[rows],
+                psnr=s["psnr"][rows],
+                ssim=s["ssim"][rows],
+                lpips=s["lpips"][rows],
+                converged=out.converged[rows],
+                outer_iterations=None if out.outer_iterations is None else out.outer_iterations[rows],
+            )
+    for problem in bench.seconds:  # METHODS order, whatever order the calls finished in
+        bench.seconds[problem] = {m: bench.seconds[problem][m] for m in bench.methods}
+    return bench
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables and claims
+# ------------------------------------------------------------------------------------------------
+def _mean_se(v: Tensor) -> tuple[float | None, float | None]:
+    """Mean and standard error (std with n - 1, over sqrt n) of the finite values; None where undefined."""
+    v = v.detach().double().flatten()
+    v = v[torch.isfinite(v)]
+    n = v.numel()
+    mean = float(v.mean()) if n else None
+    se = float(v.std() / math.sqrt(n)) if n >= 2 else None
+    return mean, se
+
+
+def results_table(bench: Benchmark) -> list[dict[str, Any]]:
+    """One row per (problem, level, method): ``problem, level, method, n_images, psnr_mean, psnr_se, ssim_mean,
+    ssim_se, lpips_mean, lpips_se`` (LPIPS ``None`` when unavailable), ``converged_fraction`` (CSGM: Adam's
+    stopping rule met; Alg. 2.3: tolerance met; Alg. 2.4: constraint ``||G(z) - x||^2 <= eps`` met) and
+    ``outer_iterations_mean`` (Alg. 2.4)."""
+    rows = []
+    for problem, lvls in bench.levels.items():
+        for lv in lvls:
+            for method in bench.methods:
+                rec = bench.record(problem, lv, method)
+                pm, ps = _mean_se(rec.psnr)
+                sm, ss = _mean_se(rec.ssim)
+                lm, ls = _mean_se(rec.lpips)
+                rows.append(
+                    {
+                        "problem": problem,
+                        "level": lv,
+                        "method": method,
+                        "n_images": int(rec.psnr.numel()),
+                        "psnr_mean": pm,
+                        "psnr_se": ps,
+                        "ssim_mean": sm,
+                        "ssim_se": ss,
+                        "lpips_mean": lm,
+                        "lpips_se": ls,
+                        "converged_fraction": float(rec.converged.float().mean()),
+                        "outer_iterations_mean": None
+                        if rec.outer_iterations is None
+                        else float(rec.outer_iterations.float().mean()),
+                    }
+                )
+    return rows
+
+
+def win_fraction(
+    bench: Benchmark, method: str = "jpmap_fixed_beta", baseline: str = "csgm", metric: str = "psnr"
+) -> dict[str, dict[str, float]]:
+    """``{problem: {level_key: fraction of images where method's metric is strictly higher than baseline's}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for problem, lvls in bench.levels.items():
+        out[problem] = {}
+        for lv in lvls:
+            a = getattr(bench.record(problem, lv, method), metric)
+            b = getattr(bench.record(problem, lv, baseline), metric)
+            out[problem][level_key(lv)] = float((a > b).double().mean())
+    return out
+
+
+def psnr_gain(
+    bench: Benchmark, method: str = "jpmap_fixed_beta", baseline: str = "csgm"
+) -> dict[str, dict[str, float]]:
+    """``{problem: {level_key: mean over images of PSNR(method) - PSNR(baseline)}}`` in dB."""
+    out: dict[str, dict[str, float]] = {}
+    for problem, lvls in bench.levels.items():
+        out[problem] = {}
+        for lv in lvls:
+            d = bench.record(problem, lv, method).psnr - bench.record(problem, lv, baseline).psnr
+            out[problem][level_key(lv)] = float(d.double().mean())
+    return out
+
+
+def pooled_win_fraction(bench: Benchmark, method: str = "jpmap_fixed_beta", baseline: str = "csgm") -> dict:
+    """Fraction of (image, level) pairs where ``method`` has the higher PSNR: per problem and over all problems."""
+    wins, total, out = 0, 0, {}
+    for problem, lvls in bench.levels.items():
+        w = sum(
+            int((bench.record(problem, lv, method).psnr > bench.record(problem, lv, baseline).psnr).sum())
+            for lv in lvls
+        )
+        t = bench.n_images * len(lvls)
+        out[problem] = w / t
+        wins, total = wins + w, total + t
+    out["all"] = wins / total if total else math.nan
+    return out
+
+
+def ill_posed_trend(gain: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per problem: the gain at the most ill-posed level minus the gain at the least ill-posed one (> 0: the gap
+    grows with ill-posedness, as §3.4 says); problems with a single level are left out."""
+    out = {}
+    for problem, by_level in gain.items():
+        if len(by_level) < 2:
+            continue
+        ordered = sorted(by_level, key=lambda k: ILL_POSED_DIRECTION[problem] * float(k))
+        out[problem] = by_level[ordered[-1]] - by_level[ordered[0]]
+    return out
+
+
+def claims(bench: Benchmark) -> dict[str, Any]:
+    """The numbers behind §3.4's claims, for metrics.json (keys without dots, so reference checks can reach them).
+
+    * ``jpmap_win_fraction``: ``{problem: {level_key: fraction}}`` of images where JPMAP (beta = 1/gamma^2) has a
+      higher PSNR than CSGM; ``win_fraction_vs_csgm``: the same for every JPMAP variant ``{method: {...}}``;
+    * ``jpmap_win_fraction_pooled``: the same pooled over the levels of each problem, and over all (``all``);
+      ``win_fraction_pooled_vs_csgm``: that for every JPMAP variant;
+    * ``psnr_gain_vs_csgm``: mean PSNR difference (dB) ``{method: {problem: {level_key: dB}}}``;
+    * ``psnr_gain_trend``: per problem, JPMAP's (fixed beta) gain over CSGM at the most ill-posed level minus
+      that at the least ill-posed one (> 0: the gap grows with ill-posedness);
+    * ``psnr_drops_with_ill_posedness``: per problem, the fraction of methods whose mean PSNR is lower at the most
+      ill-posed level than at the least ill-posed one;
+    * ``min_psnr_gain_over_x0``: the smallest mean gain (dB) of any method at any level over ``x0 = A_dagger y``;
+    * ``alg24_constraint_met_fraction``: per Alg. 2.4 method, the fraction of (image, level) pairs that met
+      ``||G(z) - x||^2 <= eps`` within ``k_max`` outer iterations.
+    """
+    jp = [m for m in bench.methods if m != "csgm"]
+    out: dict[str, Any] = {}
+    if "csgm" in bench.methods and "jpmap_fixed_beta" in bench.methods:
+        gain = psnr_gain(bench)
+        out["jpmap_win_fraction"] = win_fraction(bench)
+        out["jpmap_win_fraction_pooled"] = pooled_win_fraction(bench)
+        out["psnr_gain_trend"] = ill_posed_trend(gain)
+    if "csgm" in bench.methods:
+        out["win_fraction_vs_csgm"] = {m: win_fraction(bench, m) for m in jp}
+        out["win_fraction_pooled_vs_csgm"] = {m: pooled_win_fraction(bench, m) for m in jp}
+        out["psnr_gain_vs_csgm"] = {m: psnr_gain(bench, m) for m in jp}
+    drops = {}
+    for problem, lvls in bench.levels.items():
+        if len(lvls) < 2:
+            continue
+        ordered = sorted(lvls, key=lambda lv: ILL_POSED_DIRECTION[problem] * float(lv))
+        easy, hard = ordered[0], ordered[-1]
+        lower = [
+            float(bench.record(problem, hard, m).psnr.mean()) < float(bench.record(problem, easy, m).psnr.mean())
+            for m in bench.methods
+        ]
+        drops[problem] = sum(lower) / len(lower)
+    out["psnr_drops_with_ill_posedness"] = drops
+    out["min_psnr_gain_over_x0"] = min(
+        float((bench.record(p, lv, m).psnr - bench.x0_psnr[(p, level_key(lv))]).mean())
+        for p, lvls in bench.levels.items()
+        for lv in lvls
+        for m in bench.methods
+    )
+    pairs = [(p, lv) for p, lvls in bench.levels.items() for lv in lvls]
+    out["alg24_constraint_met_fraction"] = {
+        m: float(torch.cat([bench.record(p, lv, m).converged.float() for p, lv in pairs]).mean())
+        for m in bench.methods
+        if m in ALPHAS
+    }
+    return out
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def table_markdown(rows: Sequence[Mapping[str, Any]], wins: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """A markdown table of the rows: mean +/- standard error of PSNR, SSIM and LPIPS per method and level; with
+    ``wins`` (from :func:`win_fraction`), the fraction of images where JPMAP (fixed beta) beats CSGM in PSNR."""
+    head = ["problem", "level", "method", "n", "PSNR (dB)", "SSIM", "LPIPS", "converged"]
+    if wins is not None:
+        head.append("JPMAP > CSGM")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows:
+        lv = f"{100 * r['level']:g}%" if r["problem"] == "inpainting" else f"{r['level']:g}"
+        cells = [
+            r["problem"],
+            lv,
+            r["method"],
+            str(r["n_images"]),
+            f"{_fmt(r['psnr_mean'], 2)} ± {_fmt(r['psnr_se'], 2)}",
+            f"{_fmt(r['ssim_mean'], 3)} ± {_fmt(r['ssim_se'], 3)}",
+            "unavailable" if r["lpips_mean"] is None else f"{_fmt(r['lpips_mean'], 3)} ± {_fmt(r['lpips_se'], 3)}",
+            f"{r['converged_fraction']:.2f}",
+        ]
+        if wins is not None:
+            cells.append(f"{wins[r['problem']][level_key(r['level'])]:.2f}" if r["method"] == "csgm" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = (
+    "problem", "level", "method", "n_images", "psnr_mean", "psnr_se", "ssim_mean", "ssim_se", "lpips_mean",
+    "lpips_se", "converged_fraction", "outer_iterations_mean", "jpmap_fixed_beta_win_fraction",
+)  # fmt: skip
+
+
+def write_csv(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, wins: Mapping[str, Mapping[str, float]] | None = None
+) -> Path:
+    """Write the table atomically as CSV (empty cells for unavailable values); ``wins`` fills the last column on
+    the CSGM rows (the fraction of images where JPMAP with fixed beta has the higher PSNR)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        row = {k: r.get(k) for k in CSV_COLUMNS}
+        row["jpmap_fixed_beta_win_fraction"] = (
+            wins[r["problem"]][level_key(r["level"])] if wins is not None and r["method"] == "csgm" else None
+        )
+        w.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in row.items()})
+    return atomic_write_text(Path(path), buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+def _x_values(problem: str, levels: Sequence[float]) -> list[float]:
+    return [100 * float(lv) for lv in levels] if problem == "inpainting" else [float(lv) for lv in levels]
+
+
+def plot_sweeps(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    lpips_reason: str | None = None,
+    z: float = 1.96,
+    methods: Sequence[str] = METHODS,
+    problems: Sequence[str] | None = None,
+):
+    """Fig. 6: one row per problem, columns PSNR, LPIPS (the paper's panels (a)-(f)) and SSIM (g)-(i), against the
+    degradation level: mean over the images with a band of ``mean +/- z * standard error``.
+
+    An LPIPS panel whose rows hold no value shows ``lpips_reason`` instead of a curve.
+    """
+    import matplotlib.pyplot as plt
+
+    from .plotting import setup_style
+
+    setup_style()
+    problems = [p for p in (problems or PROBLEMS) if any(r["problem"] == p for r in rows)]
+    fig, axes = plt.subplots(len(problems), 3, figsize=(13, 3.3 * len(problems)), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    markers = dict(zip(METHODS, "os^Dv", strict=True))
+    metrics = (("psnr", "PSNR (dB), higher is better"), ("lpips", "LPIPS, lower is better"), ("ssim", "SSIM"))
+    for i, problem in enumerate(problems):
+        for j, (metric, ylabel) in enumerate(metrics):
+            ax = axes[i][j]
+            k = PROBLEMS.index(problem)  # the paper's panel letters, whichever problems ran
+            letter = "abcdef"[2 * k + j] if j < 2 else "ghi"[k]
+            ax.set_title(f"({letter}) {PROBLEM_LABELS[problem]} ({metric.upper()})", loc="left")
+            ax.set_xlabel(LEVEL_AXIS[problem])
+            ax.set_ylabel(ylabel)
+            drawn = False
+            for method in methods:
+                sel = [r for r in rows if r["problem"] == problem and r["method"] == method]
+                sel = [r for r in sel if r[f"{metric}_mean"] is not None]
+                if not sel:
+                    continue
+                sel.sort(key=lambda r: float(r["level"]))
+                xs = _x_values(problem, [r["level"] for r in sel])
+                mean = [r[f"{metric}_mean"] for r in sel]
+                se = [r[f"{metric}_se"] if r[f"{metric}_se"] is not None else math.nan for r in sel]
+                ax.plot(xs, mean, marker=markers[method], color=colors[method], label=METHOD_LABELS[method], lw=1.4)
+                lo = [m - z * s for m, s in zip(mean, se, strict=True)]
+                hi = [m + z * s for m, s in zip(mean, se, strict=True)]
+                ax.fill_between(xs, lo, hi, color=colors[method], alpha=0.15, lw=0)
+                ax.set_xticks(xs)
+                drawn = True
+            if not drawn and metric == "lpips":
+                text = lpips_reason or "LPIPS unavailable"
+                if not text.startswith("LPIPS unavailable"):
+                    text = f"LPIPS unavailable: {text}"
+                ax.text(
+                    0.5, 0.5, "\n".join(textwrap.wrap(text, 48)), ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes, wrap=True,
+                )  # fmt: skip
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if problem == "compressed_sensing" and drawn:
+                ax.invert_xaxis()  # fewer measurements (more ill-posed) to the right, as the other problems
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def nearest_level(levels: Sequence[float], wanted: float) -> float:
+    """The level of ``levels`` closest to ``wanted`` (``wanted`` itself when it ran): Fig. 7 needs a level that ran."""
+    if not levels:
+        raise ValueError("no levels ran for this problem")
+    return min(levels, key=lambda lv: (abs(float(lv) - float(wanted)), float(lv)))
+
+
+FIG7_METHODS = ("csgm", "jpmap_fixed_beta", "jpmap_alpha10", "jpmap_alpha5", "jpmap_alpha1")
+
+
+def qualitative_grid(
+    bench: Benchmark, problem: str, level: float, n_show: int, *, show_psnr: bool = True, title: str | None = None
+):
+    """Fig. 7: columns = the first ``n_show`` test images; rows = ``x*``, the observation (not for compressed
+    sensing), CSGM, JPMAP (beta = 1/gamma^2), JPMAP alpha = 10, 5, 1 (the methods that ran), PSNR (dB) above each.
+    ``title``: a heading above the grid."""
+    from .plotting import image_grid
+
+    k = min(int(n_show), bench.n_images)
+    rows, labels = [bench.x_true[:k]], [r"$x^*$"]
+    obs = bench.observations[(problem, level_key(level))]
+    if obs is not None:
+        rows.append(obs[:k])
+        labels.append("$y$" if problem == "denoising" else r"$A^\top y$")
+    shown = [m for m in FIG7_METHODS if m in bench.methods]
+    for m in shown:
+        rows.append(bench.record(problem, level, m).x[:k])
+        labels.append(METHOD_LABELS[m].replace("JPMAP ", "JPMAP\n"))
+    fig = image_grid(rows, labels, scale=1.15)
+    if show_psnr:
+        first = len(rows) - len(shown)
+        for i, m in enumerate(shown):
+            p = bench.record(problem, level, m).psnr
+            for j in range(k):
+                fig.axes[(first + i) * k + j].set_title(f"{float(p[j]):.1f}", fontsize=7, pad=1)
+        fig.subplots_adjust(hspace=0.28)
+    if title:
+        fig.suptitle(title, y=0.93 if show_psnr else 0.92)
+    return fig
