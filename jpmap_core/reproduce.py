@@ -453,13 +453,23 @@ def run_notebooks(
             results.append(result)
             if progress:
                 bar.write(f"{result.status:>7}  {result.notebook}  ({result.seconds:.1f} s)")
+    rows = [{k: v for k, v in asdict(r).items() if k != "metrics"} for r in results]
+    # A partial run (--only) updates its notebooks' rows and keeps the others of the same profile.
+    try:
+        previous = json.loads((out_path / "summary.json").read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("profile") == profile and isinstance(previous.get("results"), list):
+        ran = {r["notebook"] for r in rows}
+        kept = [r for r in previous["results"] if isinstance(r, dict) and r.get("notebook") not in ran]
+        rows = sorted(kept + rows, key=lambda r: r["notebook"])
     summary = {
         "profile": profile,
         "device": device,
         "strict": strict,
         "started": started,
         "notebooks_dir": str(nb_dir),
-        "results": [{k: v for k, v in asdict(r).items() if k != "metrics"} for r in results],
+        "results": rows,
     }
     atomic_write_json(out_path / "summary.json", summary)
     return results

@@ -235,3 +235,15 @@ def test_kernel_uses_the_installed_spec_when_it_runs_this_python(tmp_path, monke
     with reproduce.notebook_kernel() as name:
         assert name == reproduce.KERNEL_NAME
         assert os.environ["JUPYTER_PATH"] == str(tmp_path), "no temporary kernelspec needed"
+
+
+def test_partial_run_updates_its_rows_of_the_summary_and_keeps_the_others(smoke_run, notebooks_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run[2], out)
+    before = json.loads((out / "summary.json").read_text())["results"]
+    assert len(before) > 1, "the fixture's smoke run should cover several notebooks"
+    (ok,) = run_notebooks("smoke", only=["01_ok"], out=out, progress=False, notebooks_dir=notebooks_dir)
+    after = json.loads((out / "summary.json").read_text())["results"]
+    assert sorted(r["notebook"] for r in after) == sorted(r["notebook"] for r in before)
+    row = next(r for r in after if r["notebook"] == "01_ok")
+    assert row["seconds"] == ok.seconds
