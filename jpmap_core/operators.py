@@ -138,6 +138,16 @@ class LinearOperator(ABC):
         """Hook: operators built for a given number of images reject other batch sizes."""
         return None
 
+    def rows(self, idx: Tensor) -> LinearOperator | None:
+        """The operator for images ``idx`` of a batch, or ``None`` when it cannot be restricted to rows.
+
+        Solvers with per-image state use it to apply ``A`` and ``prox_l2`` to the images that need it only.
+        An operator with no per-image data acts on every image alike and returns itself (the default for this
+        module's operators); :class:`Inpainting` with one mask per image returns the operator of those masks;
+        wrapped third-party operators return ``None`` (the caller then applies them to the whole batch).
+        """
+        return self
+
     # ---- shapes ---------------------------------------------------------------------------------
     @property
     def d(self) -> int | None:
@@ -322,6 +332,15 @@ class Inpainting(LinearOperator):
                 f"mask has batch size {n} but {name} has batch size {batch}; a mask of batch size 1 is shared "
                 f"by all images, otherwise there must be one mask per image"
             )
+
+    def rows(self, idx: Tensor) -> Inpainting:
+        """Itself when the mask is shared, else the operator of masks ``idx`` (see :meth:`LinearOperator.rows`)."""
+        if self.mask.shape[0] == 1:
+            return self
+        sub = Inpainting.__new__(Inpainting)  # the masks were checked when this operator was built
+        LinearOperator.__init__(sub, self.image_shape)
+        sub.mask = self.mask[idx.to(self.mask.device)]
+        return sub
 
     def _m(self, like: Tensor) -> Tensor:
         return self._cached("mask", like, lambda: self.mask.to(dtype=like.dtype, device=like.device))
@@ -608,6 +627,10 @@ class DeepinvOperator(LinearOperator):
 
     def _A_adjoint(self, y: Tensor) -> Tensor:
         return self.physics.A_adjoint(y)
+
+    def rows(self, idx: Tensor) -> None:
+        """``None``: a third-party physics may hold per-image data we cannot slice."""
+        return None
 
     def _prox(self, z: Tensor, y: Tensor, gamma: Tensor) -> Tensor:
         if not self._own_prox:

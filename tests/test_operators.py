@@ -162,6 +162,25 @@ def test_A_dagger_matches_regularised_lstsq(case, eps):
     torch.testing.assert_close(out, expected, rtol=1e-7, atol=1e-7)
 
 
+def test_rows_is_the_operator_of_a_subset_of_the_images(case):
+    """``op.rows(idx)`` applied to images ``idx`` equals ``op`` applied to the batch, restricted to ``idx``."""
+    op, x_shape = case
+    x, y = random_pair(op, x_shape)
+    z = torch.rand(x_shape, generator=gen(11), dtype=x.dtype)
+    gamma = torch.tensor([0.5, 3.0, 20.0], dtype=x.dtype)[: x_shape[0]]
+    for idx in (torch.tensor([2, 0]), torch.tensor([1])):
+        sub = op.rows(idx)
+        assert sub is not None
+        torch.testing.assert_close(sub.A(x[idx]), op.A(x)[idx], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sub.A_adjoint(y[idx]), op.A_adjoint(y)[idx], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            sub.prox_l2(z[idx], y[idx], gamma[idx]), op.prox_l2(z, y, gamma)[idx], rtol=1e-5, atol=1e-5
+        )
+    if isinstance(op, Inpainting) and op.mask.shape[0] > 1:
+        with pytest.raises(ValueError, match="batch size"):  # the subset's masks, not the batch's
+            op.rows(torch.tensor([0, 1])).A(x)
+
+
 def test_degrade_is_reproducible_with_a_seeded_generator(case):
     op, x_shape = case
     x = torch.rand(x_shape, generator=gen(0))
@@ -333,6 +352,11 @@ def test_as_operator_wrapper_gives_the_same_results_as_the_native_operator(name)
     gamma = torch.tensor([0.5, 3.0, 20.0])
     torch.testing.assert_close(wrapped.prox_l2(z, y, gamma), native.prox_l2(z, y, gamma), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wrapped.A_dagger(y), native.A_dagger(y), rtol=1e-4, atol=1e-4)
+
+
+def test_wrapped_deepinv_physics_cannot_be_restricted_to_rows():
+    """A third-party physics may hold per-image data: solvers must apply it to the whole batch."""
+    assert as_operator(dinv.physics.Denoising()).rows(torch.tensor([0])) is None
 
 
 def test_as_operator_on_deepinv_compressed_sensing_solves_prox_by_conjugate_gradients():

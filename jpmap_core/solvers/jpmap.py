@@ -49,19 +49,37 @@ class _Ctx:
     clock: Clock
 
 
-def _evaluate(st: _State, ctx: _Ctx, z_c: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """x-step (eq. 2.7) and J1 for candidate codes ``z_c`` of images ``idx``: returns ``(x, G(z), J1)`` rows.
+def _J1_rows(st: _State, ctx: _Ctx, idx: Tensor, x: Tensor | None, z: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """x-step (eq. 2.7, when ``x`` is ``None``) and ``J1`` for images ``idx`` with codes ``z``, ``G = mu_theta(z)``.
 
-    The operator is applied to the whole batch (it may hold per-image masks); rows outside ``idx`` are unused.
+    Only rows ``idx`` are computed when the operator can be restricted to them (:meth:`LinearOperator.rows`):
+    with per-image ``beta`` the x-step of, e.g., compressed sensing is one linear solve per distinct value, so
+    the whole batch would cost far more than the few images that need it. Otherwise (a wrapped third-party
+    operator) the whole batch is computed and rows ``idx`` are returned.
     """
+    op = ctx.op.rows(idx) if hasattr(ctx.op, "rows") else None
+    if op is not None:
+        y, beta = ctx.y[idx], st.beta[idx]
+        if x is None:
+            x = x_step(G, y, op, ctx.sigma, beta)
+        return x, J1(x, z, y, op, ctx.vae, ctx.sigma, beta, mu_x=G)
+    G_all, z_all = st.Gz.clone(), st.z.clone()
+    G_all[idx], z_all[idx] = G, z
+    if x is None:
+        x_all = x_step(G_all, ctx.y, ctx.op, ctx.sigma, st.beta)
+    else:
+        x_all = st.x.clone()
+        x_all[idx] = x
+    J = J1(x_all, z_all, ctx.y, ctx.op, ctx.vae, ctx.sigma, st.beta, mu_x=G_all)
+    return x_all[idx], J[idx]
+
+
+def _evaluate(st: _State, ctx: _Ctx, z_c: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x-step (eq. 2.7) and J1 for candidate codes ``z_c`` of images ``idx``: returns ``(x, G(z), J1)`` rows."""
     with torch.no_grad():
-        G = st.Gz.clone()
-        G[idx] = ctx.vae.decode(z_c)
-        x = x_step(G, ctx.y, ctx.op, ctx.sigma, st.beta)
-        z = st.z.clone()
-        z[idx] = z_c
-        J = J1(x, z, ctx.y, ctx.op, ctx.vae, ctx.sigma, st.beta, mu_x=G)
-    return x[idx], G[idx], J[idx]
+        G = ctx.vae.decode(z_c)
+        x, J = _J1_rows(st, ctx, idx, None, z_c, G)
+    return x, G, J
 
 
 START, DESC2, DESC3, DONE = 0, 1, 2, 3  # where each image is within its current iteration
@@ -241,9 +259,9 @@ class _Engine:
             self.n1[C] = 0
             self.n2[C] = 0
             with torch.no_grad():  # J1 with the new beta: the reference of the next run's descent test
-                J = J1(st.x, st.z, ctx.y, ctx.op, ctx.vae, ctx.sigma, st.beta, mu_x=st.Gz)
-            st.J[C] = J[C]
-            self.J_prev[C] = J[C]
+                _, J = _J1_rows(st, ctx, C, st.x[C], st.z[C], st.Gz[C])
+            st.J[C] = J
+            self.J_prev[C] = J
             self.phase[C] = START
 
 
