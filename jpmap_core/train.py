@@ -225,6 +225,7 @@ def manifest_entry(cfg: TrainConfig, vae: GaussianVAE, log: list[dict[str, Any]]
             "epochs": cfg.epochs,
             "seed": cfg.seed,
             "hflip": cfg.hflip,
+            "gamma_init": float(cfg.model.get("gamma_init", 1.0)),
         },
         "data": {"dataset": cfg.dataset, **meta},
         "epochs": len(log),
@@ -246,6 +247,10 @@ def _cli_args(cfg: TrainConfig) -> list[str]:
         args += ["--latent-dim", str(cfg.model["latent_dim"])]
     if "widths" in cfg.model:
         args += ["--widths", ",".join(map(str, cfg.model["widths"]))]
+    if "fc_dim" in cfg.model:
+        args += ["--fc-dim", str(cfg.model["fc_dim"])]
+    if "gamma_init" in cfg.model:
+        args += ["--gamma-init", f"{cfg.model['gamma_init']:g}"]
     args += ["--sigma-dvae", f"{cfg.sigma_dvae:g}", "--epochs", str(cfg.epochs), "--lr", f"{cfg.lr:g}"]
     args += ["--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)]
     if cfg.hflip:
@@ -260,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default=None, choices=["mlp", "conv"], help="default: mlp for mnist, conv otherwise")
     p.add_argument("--latent-dim", type=int, default=None)
     p.add_argument("--widths", default=None, help="conv widths, e.g. 32,64,128,256")
+    p.add_argument("--fc-dim", type=int, default=None, help="conv: width of the fully connected layers")
+    p.add_argument(
+        "--gamma-init", type=float, default=None,
+        help="initial decoder std gamma (default 1.0); learned as log(gamma), so a short run should start near it",
+    )  # fmt: skip
     p.add_argument("--sigma-dvae", type=float, default=15.0, help="DVAE noise std on the 0-255 scale")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -284,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         model["latent_dim"] = a.latent_dim
     if a.widths:
         model["widths"] = [int(v) for v in a.widths.split(",")]
+    if a.fc_dim is not None:
+        model["fc_dim"] = a.fc_dim
+    if a.gamma_init is not None:
+        model["gamma_init"] = a.gamma_init
     if a.dataset == "celeba64":
         model.setdefault("image_shape", [3, 64, 64])
     cfg = TrainConfig(
