@@ -216,8 +216,11 @@ class Budget:
                 raise ValueError(f"Budget.{name} must be a finite number > 0, got {v!r}")
 
 
-def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float, budget: Budget):
-    """Restore a batch with ``method`` (one of :data:`METHODS`) under ``budget``; returns the solver's Restoration."""
+def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float, budget: Budget, *, alpha=None):
+    """Restore a batch with ``method`` (one of :data:`METHODS`) under ``budget``; returns the solver's Restoration.
+
+    ``alpha`` (Alg. 2.4 methods only) overrides the method's alpha, e.g. with a ``(B,)`` tensor of per-image values.
+    """
     if method == "csgm":
         return csgm(y, op, vae, sigma=sigma, max_iters=budget.csgm_max_iters)  # lambda = sigma^2 (default)
     common = dict(sigma=sigma, n1=budget.n1, n2=budget.n2, n_max=budget.n_max, adam_max_iters=budget.adam_max_iters)
@@ -226,8 +229,8 @@ def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float, budget:
     if method in ALPHAS:
         d = math.prod(y.shape[1:]) if op.d is None else op.d
         return jpmap(
-            y, op, vae, alpha=ALPHAS[method], beta0=budget.beta0_gamma2 * vae.beta, rho=budget.rho_d / d,
-            k_max=budget.k_max, **common,
+            y, op, vae, alpha=ALPHAS[method] if alpha is None else alpha, beta0=budget.beta0_gamma2 * vae.beta,
+            rho=budget.rho_d / d, k_max=budget.k_max, **common,
         )  # fmt: skip
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
@@ -288,9 +291,25 @@ class _Solved:
     seconds: float
 
 
-def _solve_call(method: str, batch: Degraded, vae, budget: Budget, device: torch.device) -> _Solved:
+def _tile(batch: Degraded, k: int) -> Degraded:
+    """The batch repeated ``k`` times (images in blocks), per-image masks included: one block per merged method."""
+    op = batch.op
+    if isinstance(op, Inpainting) and op.mask.shape[0] > 1:
+        op = Inpainting(op.mask.repeat(k, 1, 1, 1))
+    y = batch.y.repeat(k, *([1] * (batch.y.ndim - 1)))
+    return Degraded(batch.problem, list(batch.levels) * k, batch.sigma, op, y, None)
+
+
+def _solve_call(method: str | tuple[str, ...], batch: Degraded, vae, budget: Budget, device: torch.device) -> _Solved:
+    """One solver call. ``method`` may be a tuple of Alg. 2.4 methods: then ``batch`` holds one block of images
+    per method (:func:`_tile`) and one call of Alg. 2.4 with a per-image ``alpha`` restores them all."""
     t0 = time.perf_counter()
-    r = solve(method, batch.y.to(device), batch.op, vae, batch.sigma, budget)
+    if isinstance(method, tuple):
+        n = len(batch.levels) // len(method)
+        alpha = torch.tensor([ALPHAS[m] for m in method for _ in range(n)], dtype=torch.float64)
+        r = solve("jpmap_alpha1", batch.y.to(device), batch.op, vae, batch.sigma, budget, alpha=alpha)
+    else:
+        r = solve(method, batch.y.to(device), batch.op, vae, batch.sigma, budget)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     outer = r.info.get("outer_iterations")
@@ -310,7 +329,7 @@ def _worker_init(vae, threads: int) -> None:
     _WORKER["vae"] = vae
 
 
-def _worker_call(method: str, batch: Degraded, budget: Budget) -> _Solved:
+def _worker_call(method: str | tuple[str, ...], batch: Degraded, budget: Budget) -> _Solved:
     return _solve_call(method, batch, _WORKER["vae"], budget, torch.device("cpu"))
 
 
@@ -328,13 +347,17 @@ def run_benchmark(
     seed: int = 0,
     device: str | torch.device = "cpu",
     merge_inpainting: bool = True,
+    merge_alphas: bool = True,
     workers: int = 1,
     progress: bool = False,
 ) -> Benchmark:
     """Degrade the images ``x`` at every level of every problem in ``levels`` and restore them with every method.
 
     One solver call per (problem, level, method) restores all images at once; with ``merge_inpainting`` the
-    inpainting levels share one call per method. Metrics are computed on the restorations clamped to [0, 1].
+    inpainting levels share one call per method; with ``merge_alphas`` the Alg. 2.4 methods (``jpmap_alpha*``)
+    share one call per batch, one block of images per alpha (``jpmap`` takes a per-image ``alpha``), and the
+    call's seconds are shared equally among them. Each image keeps its own state, so merging changes no result.
+    Metrics are computed on the restorations clamped to [0, 1].
     ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
     thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
     then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
@@ -373,14 +396,24 @@ def run_benchmark(
             batches.append(_merge_inpainting(parts))
         else:
             batches.extend(parts)
-    jobs = [(b, m) for b in batches for m in methods]
+    alpha_methods = tuple(m for m in methods if m in ALPHAS)
+    grouped = merge_alphas and len(alpha_methods) > 1
+    jobs: list[tuple[Degraded, str | tuple[str, ...]]] = []
+    for b in batches:
+        jobs += [(b, m) for m in methods if not (grouped and m in ALPHAS)]
+        if grouped:
+            jobs.append((_tile(b, len(alpha_methods)), alpha_methods))
     bar = tqdm(total=len(jobs), desc="solver calls", disable=not progress)
     results: dict[int, _Solved] = {}
     if workers > 1 and dev.type == "cpu" and len(jobs) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        order = sorted(range(len(jobs)), key=lambda i: (_COST_RANK[jobs[i][1]], -len(jobs[i][0].levels)))
+        def rank(i: int) -> tuple[int, int]:
+            m = jobs[i][1]
+            return (-1 if isinstance(m, tuple) else _COST_RANK[m], -len(jobs[i][0].levels))
+
+        order = sorted(range(len(jobs)), key=rank)
         ctx = mp.get_context("spawn")  # a clean interpreter: safe under Jupyter's threads, whatever the platform
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
                                  initargs=(vae, 1)) as pool:  # fmt: skip
@@ -394,12 +427,16 @@ def run_benchmark(
             bar.update()
     bar.close()
     n = x.shape[0]
-    for i, (batch, method) in enumerate(jobs):
+    for i, (batch, group) in enumerate(jobs):
         out = results[i]
-        bench.seconds.setdefault(batch.problem, {}).setdefault(method, 0.0)
-        bench.seconds[batch.problem][method] += out.seconds
+        names = group if isinstance(group, tuple) else (group,)
+        per_method = len(batch.levels) // len(names)
         s = score(out.x, x.repeat(len(batch.levels) // n, 1, 1, 1), with_lpips=available)
         for j in range(0, len(batch.levels), n):
+            method = names[j // per_method]
+            if j % per_method == 0:
+                bench.seconds.setdefault(batch.problem, {}).setdefault(method, 0.0)
+                bench.seconds[batch.problem][method] += out.seconds / len(names)
             rows = slice(j, j + n)
             bench.records[(batch.problem, level_key(batch.levels[j]), method)] = Record(
                 x=out.x[rows],

@@ -131,6 +131,23 @@ def test_merged_inpainting_batch_gives_each_level_its_own_restoration(vae, digit
     assert not torch.equal(merged.record("inpainting", 0.5, "csgm").x, merged.record("inpainting", 0.8, "csgm").x)
 
 
+def test_merged_alphas_give_each_alpha_its_own_restoration(vae, digits):
+    """The Alg. 2.4 methods share one call (one block of images per alpha): same numbers as one call per alpha."""
+    levels = {"denoising": [110], "inpainting": [0.5, 0.8]}
+    methods = ["jpmap_alpha1", "jpmap_alpha10"]
+    merged = mb.run_benchmark(digits, vae, levels, methods=methods, budget=TINY, seed=2)
+    apart = mb.run_benchmark(digits, vae, levels, methods=methods, budget=TINY, seed=2, merge_alphas=False)
+    for p, lvls in levels.items():
+        for lv in lvls:
+            for m in methods:
+                a, b = merged.record(p, lv, m), apart.record(p, lv, m)
+                torch.testing.assert_close(a.x, b.x, rtol=1e-4, atol=1e-4)
+                assert torch.equal(a.outer_iterations, b.outer_iterations)
+    assert not torch.equal(merged.record("denoising", 110, methods[0]).x, merged.record("denoising", 110, methods[1]).x)
+    assert set(merged.seconds["inpainting"]) == set(methods)
+    assert all(v > 0 for v in merged.seconds["inpainting"].values())
+
+
 # ---- a run, its table and its claims ------------------------------------------------------------------------
 def test_run_scores_every_method_on_the_same_images_and_reports_lpips_honestly(small_run, digits):
     b = small_run
@@ -235,10 +252,11 @@ def test_fig7_rows_and_columns_follow_the_stated_rule(small_run):
 def test_worker_processes_give_the_results_of_one_process(small_run, vae, digits):
     """workers = 2 runs the independent solver calls in two processes: same restorations, same metrics."""
     levels = {p: small_run.levels[p] for p in ("denoising", "inpainting")}
-    pooled = mb.run_benchmark(digits, vae, levels, methods=["csgm", "jpmap_alpha5"], budget=TINY, seed=0, workers=2)
+    methods = ["csgm", "jpmap_alpha1", "jpmap_alpha5", "jpmap_alpha10"]  # the alphas merged as in small_run
+    pooled = mb.run_benchmark(digits, vae, levels, methods=methods, budget=TINY, seed=0, workers=2)
     for (problem, key, method), rec in pooled.records.items():
         ref = small_run.records[(problem, key, method)]
         torch.testing.assert_close(rec.x, ref.x, rtol=0, atol=0)
         torch.testing.assert_close(rec.psnr, ref.psnr, rtol=0, atol=0)
         assert torch.equal(rec.outer_iterations, ref.outer_iterations) if method != "csgm" else True
-    assert len(pooled.records) == 3 * 2 and set(pooled.seconds) == {"denoising", "inpainting"}
+    assert len(pooled.records) == 3 * 4 and set(pooled.seconds) == {"denoising", "inpainting"}

@@ -159,6 +159,26 @@ def test_batched_equals_per_image(vae, digits, variant):
         assert len(set(iters)) > 1, "the test should include images that stop at different iterations"
 
 
+def test_alg24_with_one_alpha_per_image_equals_one_call_per_alpha(vae, digits):
+    """Alg. 2.4 with a (B,) alpha: each image meets its own eps = (alpha_b/255)^2 d, as if solved alone with it."""
+    vae64 = copy.deepcopy(vae).double()
+    x = digits[:2].double().repeat(2, 1, 1, 1)  # the same two digits, once per alpha
+    g = torch.Generator().manual_seed(9)
+    masks = (torch.rand(2, 1, 28, 28, generator=g) > 0.7).double().repeat(2, 1, 1, 1)
+    y = Inpainting(masks).degrade(x, 10, generator=g)
+    alphas = torch.tensor([3.0, 3.0, 10.0, 10.0])
+    kw = dict(sigma=10, rho=1000 / 784, n1=2, n2=4, n_max=6, k_max=6, **FAST)
+    both = jpmap(y, Inpainting(masks), vae64, alpha=alphas, **kw)
+    assert torch.equal(both.info["alpha"], alphas.double())
+    for rows, a in ((slice(0, 2), 3.0), (slice(2, 4), 10.0)):
+        one = jpmap(y[rows], Inpainting(masks[rows]), vae64, alpha=a, **kw)
+        torch.testing.assert_close(both.x[rows], one.x, rtol=0, atol=1e-10)
+        assert torch.equal(both.info["outer_iterations"][rows], one.info["outer_iterations"])
+        assert torch.equal(both.converged[rows], one.converged)
+        assert one.info["eps"] == pytest.approx((a / 255) ** 2 * 784)
+    assert not torch.allclose(both.x[:2], both.x[2:])  # the two alphas do give different restorations
+
+
 @pytest.mark.parametrize("alpha", [None, 10])
 def test_operator_without_rows_gives_the_same_result(vae, digits, alpha):
     """Per-image masks: the row-subset x-step (native operator) and the whole-batch fallback (an operator that
@@ -261,6 +281,10 @@ def test_bad_input_is_rejected_with_the_argument_named(vae, digits):
         jpmap(y, op, vae, sigma=10, z0=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="beta0"):
         jpmap(y, op, vae, sigma=10, alpha=5, beta=3.0)
+    with pytest.raises(ValueError, match="alpha"):
+        jpmap(y, op, vae, sigma=10, alpha=torch.tensor([1.0, 5.0, 10.0]), n1=0, n2=0, n_max=1)
+    with pytest.raises(ValueError, match="alpha"):
+        jpmap(y, op, vae, sigma=10, alpha="ten")
     with pytest.raises(ValueError, match="alpha"):
         jpmap(y, op, vae, sigma=10, alpha=-1)
     with pytest.raises(ValueError, match="betas"):

@@ -298,7 +298,8 @@ def jpmap(
     ``history["J1_candidates"]``) or ``"2.1"`` (exact case: ``z = mu_phi(x)`` always kept).
 
     Fixed ``beta`` (``None``: ``1/gamma^2`` of the decoder, "JPMAP (beta = 1/gamma^2)") unless ``alpha`` is
-    given: then **Alg. 2.4** (exponential multiplier method on ``||G(z) - x||^2 <= eps``, ``eps = (alpha/255)^2 d``)
+    given (a number, or a ``(B,)`` tensor: one ``alpha`` per image, so that several alphas share one batch): then
+    **Alg. 2.4** (exponential multiplier method on ``||G(z) - x||^2 <= eps``, ``eps = (alpha/255)^2 d``)
     starts at ``beta0`` (default ``0.1/gamma^2``), runs the chosen algorithm, then repeats Alg. 2.3 with
     ``n1 = n2 = 0`` from the previous (x, z), updating ``beta <- beta exp(rho C)``, ``C = ||G(z)-x||^2 - eps``,
     per image, until ``C <= 0`` (or ``k_max`` outer iterations, default 350 as the official ``--iters-jpmap``;
@@ -328,8 +329,14 @@ def jpmap(
             raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
     if not n1 <= n2 <= n_max:
         raise ValueError(f"Alg. 2.3 needs n1 <= n2 <= n_max, got n1={n1}, n2={n2}, n_max={n_max}")
-    if alpha is not None and (not math.isfinite(float(alpha)) or float(alpha) <= 0):
-        raise ValueError(f"alpha must be a number > 0 (grey levels of RMSE), got {alpha!r}")
+    if alpha is not None:
+        bad = f"alpha must be a number > 0 or a (B,) tensor of them (grey levels of RMSE), got {alpha!r}"
+        try:
+            a = torch.as_tensor(alpha, dtype=torch.float64).detach().reshape(-1).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(bad) from None
+        if a.numel() == 0 or not bool(torch.isfinite(a).all()) or bool((a <= 0).any()):
+            raise ValueError(bad)
     wanted = set()
     for k in snapshots:
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -370,7 +377,11 @@ def jpmap(
     )  # fmt: skip
     kept: dict[int, dict[str, Tensor]] = {}
     filled: dict[int, Tensor] = {}
-    eps = (float(alpha) / 255.0) ** 2 * d if alpha is not None else None
+    eps = None
+    if alpha is not None:  # eps = (alpha/255)^2 d per image: images with different alphas share one batch
+        if a.numel() not in (1, B):
+            raise ValueError(f"alpha must be a number or a (B,) = ({B},) tensor, got {a.numel()} values")
+        eps = ((a / 255.0) ** 2 * d).to(dtype=x.dtype, device=x.device).expand(B)
     rho_ = (100.0 / d if rho is None else float(rho)) if alpha is not None else None
     satisfied = torch.zeros(B, dtype=torch.bool, device=x.device)
     outer_iters = torch.zeros(B, dtype=torch.long, device=x.device)
@@ -407,7 +418,7 @@ def jpmap(
             return torch.zeros_like(E, dtype=torch.bool)
         later = k >= 1  # line 2 (k = 0) runs Alg. 2.3 once; the multiplier updates follow each later run
         outer_iters[E[later]] += 1
-        C = c - eps
+        C = c - eps[E]
         up = E[later]
         st.beta[up] = st.beta[up] * torch.exp((rho_ * C[later]).clamp(-50.0, 50.0))
         sat = later & (C <= 0)
@@ -431,7 +442,11 @@ def jpmap(
         "init": "given" if x0 is not None else init,
     }
     if alpha is not None:
-        info.update(alpha=float(alpha), eps=eps, rho=rho_, k_max=k_max, outer_iterations=outer_iters.cpu())
+        one = a.numel() == 1
+        info.update(
+            alpha=float(a[0]) if one else a.clone(), eps=float(eps[0]) if one else eps.cpu(), rho=rho_, k_max=k_max,
+            outer_iterations=outer_iters.cpu(),
+        )  # fmt: skip
     if wanted:
         with torch.no_grad():
             c_final = coupling(st.x, st.Gz)
