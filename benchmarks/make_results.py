@@ -1,6 +1,7 @@
-"""Print the markdown table of a ``bench_solvers.py`` JSON file (what ``benchmarks/RESULTS.md`` shows).
+"""Print the markdown table of a ``bench_solvers.py`` or ``bench_faces.py`` JSON file (what ``RESULTS.md`` shows).
 
 python benchmarks/make_results.py benchmarks/results_cpu.json
+python benchmarks/make_results.py benchmarks/results_faces_cpu.json
 """
 
 from __future__ import annotations
@@ -38,5 +39,30 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def faces_table(path: str) -> str:
+    d = json.load(open(path))
+    m, b = d["machine"], d["budget"]
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
+        f"({m['threads']} threads). Prior `{d['prior']}` (sha256 `{d['weights_sha256'][:12]}...`), data: "
+        f"{d['data_source']}. Caps: n1 = {b['n1']}, n2 = {b['n2']}, n_max = {b['n_max']}, at most "
+        f"{b['adam_max_iters']} Adam steps per z-step, CSGM at most {b['csgm_max_iters']} steps.",
+        "",
+        "| method | faces | batched s | s per face | loop s (scaled) | speed-up vs loop | peak RSS MB | PSNR dB "
+        "| iterations (mean) | converged | max abs diff vs loop |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        it = "-" if r.get("iterations_mean") is None else f"{r['iterations_mean']:.1f}"
+        lines.append(
+            f"| {r['method']} | {r['n_images']} | {r['seconds']:.0f} | {r['seconds_per_image']:.2f} "
+            f"| {r['loop_seconds_scaled']:.0f} (on {r['loop_images']}) | {r['speedup_vs_loop']:.1f}x "
+            f"| {r['peak_mem_mb']:.0f} | {r['psnr_mean']:.2f} | {it} | {r['converged_fraction']:.2f} "
+            f"| {r['max_abs_diff_vs_loop']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json"))
+    path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json"
+    print(faces_table(path) if "prior" in json.load(open(path)) and "budget" in json.load(open(path)) else table(path))
