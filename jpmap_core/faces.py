@@ -69,6 +69,8 @@ class FaceRun:
     sigma: float
     budget: mb.Budget
     x: dict[str, Tensor] = field(default_factory=dict)  # method -> restoration, clamped to [0, 1]
+    x_decoded: dict[str, Tensor] = field(default_factory=dict)  # method -> mu_theta(z_hat), clamped (CSGM: = x)
+    decoded_psnr: dict[str, Tensor] = field(default_factory=dict)  # method -> PSNR of mu_theta(z_hat)
     scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # method -> {psnr, ssim, lpips}
     z_distance: dict[str, Tensor] = field(default_factory=dict)  # method -> ||z - mu_phi(x*)||
     converged: dict[str, Tensor] = field(default_factory=dict)
@@ -139,6 +141,8 @@ def restore_faces(
         x = r.x.detach().clamp(0, 1).cpu()
         run.x[m] = x
         run.scores[m] = mb.score(x, x_true, with_lpips=with_lpips)
+        run.x_decoded[m] = r.x_decoded.detach().clamp(0, 1).cpu()
+        run.decoded_psnr[m] = psnr(run.x_decoded[m], x_true)
         run.z_distance[m] = (r.z.detach() - z_true).norm(dim=1).cpu()
         run.converged[m] = r.converged.cpu()
         run.iterations[m] = r.iterations.cpu()
@@ -161,8 +165,12 @@ def compare(run: FaceRun, method: str = "jpmap_fixed_beta", baseline: str = "csg
     ``wins``/``losses``: images where ``method`` is better/worse by more than ``tie_db`` dB; ``ties`` the rest.
     ``baseline_stuck``: images where the baseline is worse by more than 1 dB (a worse local minimum, like the third
     column of the paper's Fig. 8 a). ``z_distance``: mean ``||z - mu_phi(x*)||`` of each solution.
+    ``decoded_psnr_diff`` compares the decoded images ``mu_theta(z_hat)`` of the two solutions: JPMAP returns the
+    x-step ``x = prox(mu_theta(z_hat))`` (eq. 2.7), which also keeps the observed pixels of ``y``, CSGM returns
+    ``mu_theta(z_hat)``; the decoded comparison separates the latent solutions from that data-consistency step.
     """
     d = (run.scores[method]["psnr"] - run.scores[baseline]["psnr"]).double()
+    dd = (run.decoded_psnr[method] - run.decoded_psnr[baseline]).double() if run.decoded_psnr else None
     n = d.numel()
     wins, losses = int((d > tie_db).sum()), int((d < -tie_db).sum())
     return {
@@ -179,6 +187,9 @@ def compare(run: FaceRun, method: str = "jpmap_fixed_beta", baseline: str = "csg
         "win_fraction": float((d > 0).double().mean()),
         "baseline_stuck": int((d > 1.0).sum()),
         "method_stuck": int((d < -1.0).sum()),
+        "decoded_psnr_diff": None if dd is None else _stats(dd),
+        "decoded_wins": None if dd is None else int((dd > tie_db).sum()),
+        "decoded_losses": None if dd is None else int((dd < -tie_db).sum()),
         "z_distance_mean": {m: float(run.z_distance[m].mean()) for m in (method, baseline)},
         "z_true_norm_mean": float(run.z_true_norm.mean()),
     }
@@ -195,6 +206,8 @@ def summary(run: FaceRun, prefix: str = "") -> dict[str, Any]:
             ok = bool(torch.isfinite(v).all())
             out[f"{prefix}{metric}_{k}_mean"] = float(v.mean()) if ok else None
             out[f"{prefix}{metric}_{k}_se"] = _stats(v)["se"] if ok else None
+        if m in run.decoded_psnr:
+            out[f"{prefix}psnr_{k}_decoded_mean"] = float(run.decoded_psnr[m].mean())
         out[f"{prefix}{k}_converged_fraction"] = float(run.converged[m].double().mean())
         out[f"{prefix}{k}_seconds"] = run.seconds[m]
         out[f"{prefix}{k}_seconds_per_image"] = run.seconds[m] / run.n_images
@@ -217,21 +230,34 @@ def largest_differences(run: FaceRun, k: int, method: str = "jpmap_fixed_beta", 
     return [int(i) for i in torch.argsort(d, descending=True, stable=True)[: min(k, d.numel())]]
 
 
-def restoration_grid(run: FaceRun, columns: Sequence[int], *, title: str | None = None):
-    """Fig. 8 (a): rows x*, y (A^T y), CSGM, JPMAP for the images ``columns``, each restoration's PSNR above it."""
+def restoration_grid(run: FaceRun, columns: Sequence[int], *, title: str | None = None, decoded: bool = True):
+    """Fig. 8 (a): rows x*, y (A^T y), CSGM, JPMAP for the images ``columns``, each restoration's PSNR above it.
+
+    ``decoded``: add a row with JPMAP's decoded image ``mu_theta(z_hat)`` (what CSGM returns for its own z_hat).
+    """
     from .plotting import image_grid
 
     idx = torch.as_tensor(list(columns), dtype=torch.long)
-    rows = [run.x_true[idx], run.observation[idx]] + [run.x[m][idx] for m in run.x]
-    labels = [r"$x^*$", f"$y$ ({100 * run.missing:g}%\nmissing)"] + [LABELS.get(m, m) for m in run.x]
+    shown = [(run.x[m], run.scores[m]["psnr"], LABELS.get(m, m)) for m in run.x]
+    if decoded and "jpmap_fixed_beta" in run.x_decoded:
+        shown.append(
+            (
+                run.x_decoded["jpmap_fixed_beta"],
+                run.decoded_psnr["jpmap_fixed_beta"],
+                "JPMAP\n" + r"$\mu_\theta(\hat z)$",
+            )
+        )
+    rows = [run.x_true[idx], run.observation[idx]] + [images[idx] for images, _, _ in shown]
+    labels = [r"$x^*$", f"$y$ ({100 * run.missing:g}%\nmissing)"] + [label for _, _, label in shown]
     fig = image_grid(rows, labels, scale=1.15)
     axes = fig.axes
     ncol = len(idx)
-    for r, m in enumerate(run.x, start=2):
+    for r, (_, values, _) in enumerate(shown, start=2):
         for j, i in enumerate(idx.tolist()):
-            axes[r * ncol + j].set_title(f"{float(run.scores[m]['psnr'][i]):.1f}", fontsize=7, pad=1)
+            axes[r * ncol + j].set_title(f"{float(values[i]):.1f}", fontsize=7, pad=1)
+    fig.subplots_adjust(hspace=0.28)  # room for the PSNR above each restoration (as the MNIST grids)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=0.95)
     return fig
 
 
@@ -244,8 +270,9 @@ def reconstruction_grid(run: FaceRun, columns: Sequence[int], *, title: str | No
     ncol = len(idx)
     for j, i in enumerate(idx.tolist()):
         fig.axes[ncol + j].set_title(f"{float(run.recon_psnr[i]):.1f}", fontsize=7, pad=1)
+    fig.subplots_adjust(hspace=0.28)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.0)
     return fig
 
 

@@ -41,12 +41,18 @@ def test_restore_faces_scores_clamped_restorations_of_the_same_observation(run, 
         xm = run.x[m]
         assert xm.shape == x.shape and float(xm.min()) >= 0 and float(xm.max()) <= 1
         torch.testing.assert_close(run.scores[m]["psnr"], psnr(xm, x))
+        torch.testing.assert_close(run.decoded_psnr[m], psnr(run.x_decoded[m], x))
         assert bool(torch.isnan(run.scores[m]["lpips"]).all())  # not asked: NaN, never a made-up value
         assert run.z_distance[m].shape == (5,) and bool(torch.isfinite(run.z_distance[m]).all())
         assert run.seconds[m] > 0
     # the observation is A^T y of an 80% mask: about 80% of the pixels are exactly 0
     missing = float((run.observation == 0).all(1).double().mean())
     assert 0.6 < missing < 0.95
+    torch.testing.assert_close(run.x_decoded["csgm"], run.x["csgm"])  # CSGM returns mu_theta(z_hat)
+    # JPMAP returns the x-step: on the missing pixels it is mu_theta(z_hat), on the observed ones it moves toward y
+    miss = (run.observation == 0).all(1, keepdim=True).expand_as(x)
+    xj, gj = run.x["jpmap_fixed_beta"], run.x_decoded["jpmap_fixed_beta"]
+    torch.testing.assert_close(xj[miss], gj[miss])
     torch.testing.assert_close(run.recon, faces.reconstruct(vae, x).clamp(0, 1))
     torch.testing.assert_close(run.recon_psnr, psnr(run.recon, x))
 
@@ -74,6 +80,7 @@ def _with_psnr(run, csgm, jpmap):
                       missing=run.missing, sigma=run.sigma, budget=run.budget)  # fmt: skip
     r.scores = {"csgm": {"psnr": torch.tensor(csgm)}, "jpmap_fixed_beta": {"psnr": torch.tensor(jpmap)}}
     r.z_distance, r.z_true_norm = run.z_distance, run.z_true_norm
+    r.decoded_psnr = {"csgm": torch.tensor(csgm), "jpmap_fixed_beta": torch.tensor(csgm) + 0.01}
     return r
 
 
@@ -86,6 +93,7 @@ def test_compare_counts_wins_ties_and_stuck_images(run):
     assert c["psnr_diff"]["mean"] == pytest.approx((2 + 0.05 - 0.5 + 0.5 - 3) / 5, abs=1e-6)
     assert c["psnr_diff"]["median"] == pytest.approx(0.05, abs=1e-6)
     assert faces.largest_differences(r, 2) == [4, 0]
+    assert c["decoded_psnr_diff"]["mean"] == pytest.approx(0.01, abs=1e-6) and c["decoded_wins"] == 0
 
 
 def test_summary_has_the_keys_other_checks_read(run):
@@ -102,7 +110,7 @@ def test_figures_and_the_image_browser(run):
     import matplotlib.pyplot as plt
 
     fig = faces.restoration_grid(run, [0, 2, 4])
-    assert len(fig.axes) == 4 * 3
+    assert len(fig.axes) == 5 * 3  # x*, y, CSGM, JPMAP, JPMAP mu_theta(z_hat)
     plt.close(fig)
     fig = faces.reconstruction_grid(run, [1, 3])
     assert len(fig.axes) == 2 * 2
