@@ -1,0 +1,150 @@
+"""Benchmark: restore N CelebA 64x64 test faces (inpainting 80%, sigma 10) with JPMAP Alg. 2.3, batched vs a loop.
+
+    python benchmarks/bench_faces.py --n-images 100 --json benchmarks/results_faces_cpu.json
+
+The problem and the prior of notebook 07 (JPMAP Fig. 8a): the shipped ``celeba64_conv_dvae15``, the first N faces of
+the CelebA test partition, one random mask per face drawn as in the notebook (``mnist_benchmark.degrade``). Caps:
+the notebook's ``default`` profile (``n1 = 25, n2 = 150`` capped at ``n_max = 40``, at most 300 Adam steps per
+z-step, CSGM at most 3000 steps), or the official ones with ``--official-caps`` (``n_max = 300``, 3000, 5000; hours
+on a CPU). Every timing is the median of ``--repeats`` runs. The per-image loop runs the same solver on one face
+at a time for ``--loop-images K`` faces spread evenly over the N (indices ``i N / K``), scaled by N/K (stated in
+the output): ``speedup_vs_loop = loop_seconds_scaled / batched_seconds``, and the loop's restorations are compared
+with the batched ones (``max_abs_diff_vs_loop``). Peak memory is the process RSS sampled during the batched run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_solvers import PeakRSS  # noqa: E402  (the same RSS sampler as the MNIST benchmark)
+
+from jpmap_core import mnist_benchmark as mb  # noqa: E402
+from jpmap_core._io import atomic_write_json  # noqa: E402
+from jpmap_core.data import load_celeba64  # noqa: E402
+from jpmap_core.metrics import psnr as psnr_of  # noqa: E402
+from jpmap_core.operators import Inpainting  # noqa: E402
+from jpmap_core.pretrained import load_pretrained, weights_sha256  # noqa: E402
+
+METHODS = {"jpmap_alg23": "jpmap_fixed_beta", "csgm": "csgm"}
+PRIOR = "celeba64_conv_dvae15"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-images", type=int, default=100)
+    p.add_argument("--loop-images", type=int, default=4, help="time the per-image loop on K faces, scale by N/K")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--methods", default="jpmap_alg23", help=f"comma-separated, among {list(METHODS)}")
+    p.add_argument("--official-caps", action="store_true", help="n_max 300, 3000 Adam steps, CSGM 5000")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or a.n_images < 1 or not 1 <= a.loop_images <= a.n_images or a.repeats < 1:
+        p.error(f"methods must be among {list(METHODS)} (got {bad}); need 1 <= loop-images <= n-images, repeats >= 1")
+    dev = torch.device(a.device)
+    if a.official_caps:
+        budget = mb.Budget(n1=25, n2=150, n_max=300, adam_max_iters=3000, csgm_max_iters=5000)
+    else:
+        budget = mb.Budget(n1=25, n2=40, n_max=40, adam_max_iters=300, csgm_max_iters=3000)
+    vae = load_pretrained(PRIOR, device=dev)
+    test = load_celeba64("test")
+    x = test.images[: a.n_images]
+    deg = mb.degrade("inpainting", 0.8, x, a.seed)
+    n, k = x.shape[0], a.loop_images
+    loop_idx = [i * n // k for i in range(k)]
+    print(f"{n} CelebA test faces ({test.source}); prior {PRIOR}; {budget}")
+    print(f"device {dev}, torch threads {torch.get_num_threads()}; loop on faces {loop_idx}, scaled by {n}/{k}")
+
+    def run(method: str, idx: list[int] | None):
+        rows = slice(None) if idx is None else idx
+        op = Inpainting(deg.op.mask[rows].to(dev))
+        y = deg.y[rows].to(dev)
+        t0 = time.perf_counter()
+        r = mb.solve(METHODS[method], y, op, vae, deg.sigma, budget)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0, r
+
+    results = []
+    for method in methods:
+        batched, peaks = [], []
+        for _ in range(a.repeats):
+            with PeakRSS() as mem:
+                s, r = run(method, None)
+            batched.append(s)
+            peaks.append(mem.peak)
+        xb = r.x.detach().clamp(0, 1).cpu()
+        loop_s, diffs = 0.0, []
+        for i in loop_idx:
+            s, ri = run(method, [i])
+            loop_s += s
+            diffs.append(float((ri.x.detach().clamp(0, 1).cpu() - xb[i : i + 1]).abs().max()))
+        sec = statistics.median(batched)
+        scaled = loop_s * n / k
+        psnr = mb.score(xb, x, with_lpips=False)["psnr"]
+        row = {
+            "problem": "inpainting_80_sigma10",
+            "method": method,
+            "n_images": n,
+            "seconds": sec,
+            "seconds_per_image": sec / n,
+            "images_per_second": n / sec,
+            "peak_mem_mb": max(peaks) / 2**20,
+            "psnr_mean": float(psnr.mean()),
+            "psnr_decoded_mean": float(psnr_of(r.x_decoded.detach().clamp(0, 1).cpu(), x).mean()),
+            "loop_images": k,
+            "loop_seconds_scaled": scaled,
+            "speedup_vs_loop": scaled / sec,
+            "max_abs_diff_vs_loop": max(diffs),
+            "iterations_mean": float(r.iterations.double().mean()) if r.iterations is not None else None,
+            "converged_fraction": float(r.converged.double().mean()),
+        }
+        results.append(row)
+        print(
+            f"{method:<12} batched {sec:8.1f} s ({sec / n:.2f} s per face), loop x{n}/{k} {scaled:8.1f} s, "
+            f"speed-up {scaled / sec:5.1f}x, peak RSS {row['peak_mem_mb']:.0f} MB, PSNR {row['psnr_mean']:.2f} dB, "
+            f"max |batched - loop| {row['max_abs_diff_vs_loop']:.1e}",
+            flush=True,
+        )
+    if a.json:
+        atomic_write_json(
+            Path(a.json),
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "device": str(dev),
+                },
+                "prior": PRIOR,
+                "weights_sha256": weights_sha256(PRIOR),
+                "data_source": test.source,
+                "budget": budget.__dict__,
+                "repeats": a.repeats,
+                "seed": a.seed,
+                "rows": results,
+            },
+        )
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
