@@ -179,6 +179,58 @@ def test_alg24_with_one_alpha_per_image_equals_one_call_per_alpha(vae, digits):
     assert not torch.allclose(both.x[:2], both.x[2:])  # the two alphas do give different restorations
 
 
+@pytest.mark.parametrize("method", ["csgm", "alg23", "alg24", "splitting"])
+def test_one_sigma_per_image_equals_one_call_per_sigma(vae, digits, method):
+    """A (B,) sigma: images degraded at different noise levels share one batch, each restored as if alone with its
+    own sigma (float64; x-step, J1, CSGM's lambda = sigma^2 and the row-subset path all take the image's value)."""
+    vae64 = copy.deepcopy(vae).double()
+    x = digits[:2].double().repeat(2, 1, 1, 1)
+    g = torch.Generator().manual_seed(5)
+    sig = torch.tensor([25.0, 25.0, 110.0, 110.0], dtype=torch.float64)
+    y = x + sig.reshape(-1, 1, 1, 1) / 255 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    masks = (torch.rand(4, 1, 28, 28, generator=g) > 0.3).double()  # per-image data: the row-subset x-step runs
+    y = y * masks
+
+    def run(rows, sigma):
+        op = Inpainting(masks[rows])
+        if method == "csgm":
+            return csgm(y[rows], op, vae64, sigma=sigma, max_iters=200)
+        if method == "splitting":
+            return mapz_splitting(y[rows], op, vae64, betas=[0.1 * vae.beta, vae.beta], sigma=sigma, maxiter=5, **FAST)
+        kw = dict(n1=2, n2=4, n_max=6, **FAST)
+        if method == "alg24":
+            kw.update(alpha=5, rho=1000 / 784, k_max=3)
+        return jpmap(y[rows], op, vae64, sigma=sigma, **kw)
+
+    both = run(slice(0, 4), sig)
+    assert torch.equal(both.info["sigma"], sig)
+    for rows, s in ((slice(0, 2), 25.0), (slice(2, 4), 110.0)):
+        one = run(rows, s)
+        torch.testing.assert_close(both.x[rows], one.x, rtol=0, atol=1e-10)
+        torch.testing.assert_close(both.z[rows], one.z, rtol=0, atol=1e-10)
+        assert torch.equal(both.iterations[rows], one.iterations)
+    assert not torch.allclose(both.x[:2], both.x[2:], atol=1e-3)  # the two noise levels do restore differently
+
+
+def test_per_image_sigma_is_checked(vae, digits):
+    op, y = _inpainting(digits[:2])
+    for bad, match in (
+        (torch.tensor([10.0, 20.0, 30.0]), "3 values but the batch has B = 2"),
+        (torch.tensor([10.0, 0.0]), "finite and > 0"),
+        (torch.tensor([10.0, float("nan")]), "finite and > 0"),
+        (torch.tensor([[10.0, 20.0]]), r"\(B,\) tensor"),
+        (torch.tensor([10, 20]), r"\(B,\) tensor"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            jpmap(y, op, vae, sigma=bad, n1=0, n2=0, n_max=1)
+        with pytest.raises(ValueError, match=match):
+            csgm(y, op, vae, sigma=bad, max_iters=1)
+    with pytest.raises(ValueError, match="lam"):
+        csgm(y, op, vae, sigma=10, lam=torch.tensor([1.0, -1.0]), max_iters=1)
+    r = csgm(y, op, vae, sigma=torch.tensor([10.0]).expand(2).clone(), max_iters=3)
+    assert r.info["lam"].shape == (2,)
+
+
 @pytest.mark.parametrize("alpha", [None, 10])
 def test_operator_without_rows_gives_the_same_result(vae, digits, alpha):
     """Per-image masks: the row-subset x-step (native operator) and the whole-batch fallback (an operator that

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_positive, check_tensor4d
+from .._checks import check_tensor4d
+from ..energy import Sigma, check_sigma
 from ..models import GaussianVAE
 
 
@@ -246,9 +247,11 @@ def adam_minimize(
     )
 
 
-def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: float, x0: Tensor | None, init: str, eps: float):
-    """Validate ``(y, op, vae, sigma)`` and return ``(y, x0)``: shapes must agree, no NaN/inf, ``sigma > 0``."""
-    check_positive(sigma, "sigma")
+def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: Sigma, x0: Tensor | None, init: str, eps: float):
+    """Validate ``(y, op, vae, sigma)`` and return ``(y, x0, sigma)``: shapes must agree, no NaN/inf, ``sigma > 0``
+    (a number, or a ``(B,)`` tensor of per-image noise stds, returned on ``y``'s device and dtype)."""
+    if not isinstance(sigma, Tensor):
+        check_sigma(sigma)
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if not torch.is_floating_point(y):
@@ -277,7 +280,10 @@ def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: float, x0: Tensor
             f"y has shape {tuple(y.shape)} but {type(op).__name__} produces {tuple(ax.shape)} for images of "
             f"shape {tuple(x0.shape)}"
         )
-    return y, x0.detach()
+    sigma = check_sigma(sigma, y.shape[0])
+    if isinstance(sigma, Tensor):
+        sigma = sigma.to(dtype=y.dtype, device=y.device)
+    return y, x0.detach(), sigma
 
 
 class Clock:

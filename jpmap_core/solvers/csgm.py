@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..energy import noise_std
+from ..energy import Sigma, noise_std, sigma_info
 from ..models import GaussianVAE
 from ._common import Clock, Restoration, adam_minimize, check_problem
 
@@ -23,8 +23,8 @@ def csgm(
     op,
     vae: GaussianVAE,
     *,
-    sigma: float,
-    lam: float | None = None,
+    sigma: Sigma,
+    lam: float | Tensor | None = None,
     z0: Tensor | None = None,
     restarts: int = 1,
     generator: torch.Generator | None = None,
@@ -34,22 +34,33 @@ def csgm(
 ) -> Restoration:
     """CSGM restoration of ``y`` (noise std ``sigma`` on the 0-255 scale).
 
+    ``sigma``: a number or a ``(B,)`` tensor of per-image noise stds; the default ``lam = sigma^2`` (the [0, 1]
+    scale) is then per image too. ``lam``: a number >= 0 or a ``(B,)`` tensor of them.
+
     ``z0``: first start (default 0; ``vae.encode(x_true)[0]`` for the "initialised at the ground truth" runs
     of Fig. 1). ``restarts > 1`` adds starts ``z ~ N(0, I)`` drawn from ``generator``; each image keeps the
     restart with the lowest energy. ``history["energy"]`` is the per-iteration energy ``(T, B)`` of the restart
     each image kept (NaN after it stopped), ``history["seconds"]`` the elapsed time ``(T,)`` of that restart,
     ``history["energy_final"]`` the final energy of every restart ``(restarts, B)``.
     """
-    y, x0 = check_problem(y, op, vae, sigma, None, "adjoint", None)
-    s = noise_std(sigma)
-    lam = s * s if lam is None else float(lam)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    y, x0, sigma = check_problem(y, op, vae, sigma, None, "adjoint", None)
+    B = x0.shape[0]
+    if lam is None:
+        s = noise_std(sigma, y)
+        lam = s * s
+    elif isinstance(lam, Tensor):
+        if lam.shape != (B,) or not bool((torch.isfinite(lam) & (lam >= 0)).all()):
+            raise ValueError(f"lam must be a number or a (B,) = ({B},) tensor of finite values >= 0, got {lam!r}")
+        lam = lam.detach().to(dtype=y.dtype, device=y.device)
+    else:
+        lam = float(lam)
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
         raise ValueError(f"max_iters must be an integer >= 1 (Adam steps per restart), got {max_iters!r}")
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-    B, ldim = x0.shape[0], vae.latent_dim
+    ldim = vae.latent_dim
     if z0 is None:
         z0 = torch.zeros(B, ldim, dtype=x0.dtype, device=x0.device)
     elif z0.shape != (B, ldim) or not bool(torch.isfinite(z0).all()):
@@ -69,7 +80,8 @@ def csgm(
             G[idx] = Gi
             G_cache[idx] = Gi.detach()
             res = (op.A(G) - y).flatten(1)[idx]
-            return res.pow(2).sum(1) + lam * zr.pow(2).sum(1)
+            lam_i = lam[idx] if isinstance(lam, Tensor) else lam
+            return res.pow(2).sum(1) + lam_i * zr.pow(2).sum(1)
 
         out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters, record=True)
         energies.append(out.loss)
@@ -104,8 +116,8 @@ def csgm(
         },
         info={
             "method": "csgm",
-            "sigma": float(sigma),
-            "lam": lam,
+            "sigma": sigma_info(sigma),
+            "lam": sigma_info(lam),
             "lr": lr,
             "tol": tol,
             "max_iters": max_iters,

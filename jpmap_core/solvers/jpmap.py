@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..energy import J1, as_beta, coupling, x_step
+from ..energy import J1, Sigma, as_beta, coupling, sigma_info, sigma_rows, x_step
 from ..models import GaussianVAE
 from ._common import AdamPool, Clock, History, Restoration, check_problem
 
@@ -41,7 +41,7 @@ class _Ctx:
     y: Tensor
     op: object
     vae: GaussianVAE
-    sigma: float
+    sigma: Sigma  # a number, or one per image (B,)
     algorithm: str
     tol: float
     adam: dict
@@ -59,10 +59,10 @@ def _J1_rows(st: _State, ctx: _Ctx, idx: Tensor, x: Tensor | None, z: Tensor, G:
     """
     op = ctx.op.rows(idx) if hasattr(ctx.op, "rows") else None
     if op is not None:
-        y, beta = ctx.y[idx], st.beta[idx]
+        y, beta, sigma = ctx.y[idx], st.beta[idx], sigma_rows(ctx.sigma, idx)
         if x is None:
-            x = x_step(G, y, op, ctx.sigma, beta)
-        return x, J1(x, z, y, op, ctx.vae, ctx.sigma, beta, mu_x=G)
+            x = x_step(G, y, op, sigma, beta)
+        return x, J1(x, z, y, op, ctx.vae, sigma, beta, mu_x=G)
     G_all, z_all = st.Gz.clone(), st.z.clone()
     G_all[idx], z_all[idx] = G, z
     if x is None:
@@ -270,7 +270,7 @@ def jpmap(
     op,
     vae: GaussianVAE,
     *,
-    sigma: float,
+    sigma: Sigma,
     algorithm: str = "2.3",
     n1: int = 25,
     n2: int = 150,
@@ -291,6 +291,9 @@ def jpmap(
     snapshots: Iterable[int] = (),
 ) -> Restoration:
     """Restore ``y = A x + noise`` (noise std ``sigma`` on the 0-255 scale) with the VAE prior ``vae``.
+
+    ``sigma``: a number, or a ``(B,)`` tensor with one noise std per image, so that images degraded at several
+    noise levels share one batch (it enters the x-step, eq. 2.7, and ``J1``, not the z-step).
 
     ``algorithm``: ``"2.3"`` (default, the practical Alg. 2.3 with ``n1 <= n2 <= n_max``), ``"2.2"`` (the
     diagnostic: all three candidates ``z1 = mu_phi(x_n)``, ``z2 = gd from z1``, ``z3 = gd from z_n`` every
@@ -346,7 +349,7 @@ def jpmap(
         raise ValueError("snapshots at outer iterations k > 0 need Alg. 2.4 (pass alpha); without it only k = 0 exists")
     if tol <= 0 or adam_lr <= 0 or adam_tol <= 0:
         raise ValueError(f"tol, adam_lr and adam_tol must be > 0, got {tol}, {adam_lr}, {adam_tol}")
-    y, x = check_problem(y, op, vae, sigma, x0, init, eps_dagger)
+    y, x, sigma = check_problem(y, op, vae, sigma, x0, init, eps_dagger)
     B = x.shape[0]
     d, ldim = x[0].numel(), vae.latent_dim
     clock = Clock()
@@ -372,7 +375,7 @@ def jpmap(
         J_prev = J.clone()
     st = _State(x.clone(), z, Gz, J, b)
     ctx = _Ctx(
-        y, op, vae, float(sigma), algorithm, float(tol),
+        y, op, vae, sigma, algorithm, float(tol),
         {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(B), clock,
     )  # fmt: skip
     kept: dict[int, dict[str, Tensor]] = {}
@@ -433,7 +436,7 @@ def jpmap(
         "method": "jpmap",
         "algorithm": "2.4" if alpha is not None else algorithm,
         "inner_algorithm": algorithm,
-        "sigma": float(sigma),
+        "sigma": sigma_info(sigma),
         "n1": n1,
         "n2": n2,
         "n_max": n_max,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..energy import J1, as_beta
+from ..energy import J1, Sigma, as_beta, sigma_info
 from ..models import GaussianVAE
 from ._common import Clock, History, Restoration, check_problem
 from .jpmap import _Ctx, _Engine, _State
@@ -27,7 +27,7 @@ def mapz_splitting(
     vae: GaussianVAE,
     betas: Sequence[float],
     *,
-    sigma: float,
+    sigma: Sigma,
     maxiter: int = 300,
     x0: Tensor | None = None,
     z0: Tensor | None = None,
@@ -49,7 +49,7 @@ def mapz_splitting(
         raise ValueError(f"betas must be non-decreasing (continuation beta -> inf), got {betas!r}")
     if not isinstance(maxiter, int) or maxiter < 1:
         raise ValueError(f"maxiter must be an integer >= 1, got {maxiter!r}")
-    y, x = check_problem(y, op, vae, sigma, x0, init, None)
+    y, x, sigma = check_problem(y, op, vae, sigma, x0, init, None)
     B, ldim = x.shape[0], vae.latent_dim
     z = torch.zeros(B, ldim, dtype=x.dtype, device=x.device) if z0 is None else z0.detach().clone().to(x)
     if z.shape != (B, ldim):
@@ -61,7 +61,7 @@ def mapz_splitting(
         J = J1(x, z, y, op, vae, sigma, b, mu_x=Gz)
     st = _State(x.clone(), z, Gz, J, b)
     ctx = _Ctx(
-        y, op, vae, float(sigma), "2.3", float(tol),
+        y, op, vae, sigma, "2.3", float(tol),
         {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(B), clock,
     )  # fmt: skip
 
@@ -86,7 +86,7 @@ def mapz_splitting(
         info={
             "method": "mapz_splitting",
             "betas": betas,
-            "sigma": float(sigma),
+            "sigma": sigma_info(sigma),
             "maxiter": maxiter,
             "tol": tol,
             "seconds": clock(),
