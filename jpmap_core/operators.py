@@ -37,6 +37,7 @@ Gamma = float | Tensor
 Shape = tuple[int, ...]
 
 __all__ = [
+    "BatchBlocks",
     "BlurFFT",
     "CompressedSensing",
     "DeepinvOperator",
@@ -641,6 +642,145 @@ class DeepinvOperator(LinearOperator):
 
     def __repr__(self) -> str:
         return f"DeepinvOperator({type(self.physics).__name__}, image_shape={self.image_shape})"
+
+
+class BatchBlocks(LinearOperator):
+    """Several problems in one batch: ``ops[k]`` acts on the ``sizes[k]`` consecutive images of block ``k``.
+
+    Images of every block have the same shape ``(C, H, W)``; measurements are flattened and zero-padded to the
+    longest block's length ``M``, so ``y`` has shape ``(B, M)``: ``A x`` is zero in the padding and so is ``y``
+    (:meth:`pack` builds it from each block's own measurements), so ``||A x - y||^2``, ``A^T y``, ``prox_l2`` and
+    ``A_dagger`` of every image are those of its own operator. The operator is block diagonal over the batch,
+    which lets the solvers (whose images keep their own state) restore, e.g., all compressed-sensing levels
+    ``m`` of a benchmark, or all its problems, in one call (with one ``sigma`` per image).
+
+    Block operators must be this module's (they may hold per-image data, such as :class:`Inpainting` with one
+    mask per image of its block). :meth:`rows` gives the operator of any subset of the images.
+    """
+
+    def __init__(self, ops: list[LinearOperator], sizes: list[int], image_shape: tuple[int, int, int] | None = None):
+        ops, sizes = list(ops), list(sizes)
+        if not ops or len(ops) != len(sizes):
+            raise ValueError(f"give one block size per operator, got {len(ops)} operators and {len(sizes)} sizes")
+        for k, op in enumerate(ops):
+            if not isinstance(op, LinearOperator) or isinstance(op, DeepinvOperator):
+                raise TypeError(
+                    f"ops[{k}] must be a jpmap_core operator (not a wrapped deepinv physics), got {type(op).__name__}"
+                )
+        for k, n in enumerate(sizes):
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"sizes[{k}] must be a positive integer (images in block {k}), got {n!r}")
+        shapes = {op.image_shape for op in ops if op.image_shape is not None}
+        if image_shape is not None:
+            shapes.add(_check_image_shape(image_shape))
+        if len(shapes) != 1:
+            raise ValueError(
+                "the blocks' operators must share one image shape (C, H, W)"
+                + (f", got {sorted(shapes)}" if shapes else "; none has one, so give image_shape")
+            )
+        block = torch.repeat_interleave(torch.arange(len(ops)), torch.tensor(sizes))
+        local = torch.cat([torch.arange(n) for n in sizes])
+        self._init(ops, sizes, block, local, shapes.pop())
+
+    def _init(self, ops, full_sizes, block: Tensor, local: Tensor, image_shape: tuple[int, int, int]) -> None:
+        super().__init__(image_shape)
+        self.ops, self.full_sizes, self.block, self.local = ops, full_sizes, block, local
+        self._m = [math.prod(op.output_shape((1, *image_shape))[1:]) for op in ops]
+        self.M = max(self._m)
+        parts = []  # (k, positions in this batch, the block operator for those images)
+        for k in block.unique().tolist():
+            pos = (block == k).nonzero().squeeze(1)
+            idx = local[pos]
+            whole = idx.numel() == full_sizes[k] and bool(torch.equal(idx, torch.arange(idx.numel())))
+            sub = ops[k] if whole else ops[k].rows(idx)
+            if sub is None:
+                raise TypeError(f"ops[{k}] ({type(ops[k]).__name__}) cannot be restricted to a subset of its images")
+            parts.append((k, pos, sub))
+        self._parts = parts
+
+    @property
+    def sizes(self) -> list[int]:
+        """Images per block in this batch."""
+        return [int((self.block == k).sum()) for k in range(len(self.ops))]
+
+    def rows(self, idx: Tensor) -> BatchBlocks:
+        sub = BatchBlocks.__new__(BatchBlocks)
+        i = idx.cpu()
+        sub._init(self.ops, self.full_sizes, self.block[i], self.local[i], self.image_shape)
+        return sub
+
+    def _check_batch(self, batch: int, name: str) -> None:
+        n = self.block.numel()
+        if batch != n:
+            raise ValueError(
+                f"BatchBlocks holds {n} images (blocks of sizes {self.sizes}) but {name} has batch size {batch}"
+            )
+
+    def output_shape(self, x_shape: Shape) -> Shape:
+        return (x_shape[0], self.M)
+
+    def _pos(self, k: int, pos: Tensor, like: Tensor) -> Tensor:
+        return self._cached(("pos", k), like, lambda: pos.to(like.device))
+
+    def _A(self, x: Tensor) -> Tensor:
+        out = x.new_zeros(x.shape[0], self.M)
+        for k, pos, op in self._parts:
+            p = self._pos(k, pos, x)
+            out[p, : self._m[k]] = op._A(x[p]).flatten(1)
+        return out
+
+    def _y_block(self, k: int, y: Tensor, p: Tensor) -> Tensor:
+        return y[p, : self._m[k]].reshape(self.ops[k].output_shape((p.numel(), *self.image_shape)))
+
+    def _A_adjoint(self, y: Tensor) -> Tensor:
+        out = y.new_zeros(y.shape[0], *self.image_shape)
+        for k, pos, op in self._parts:
+            p = self._pos(k, pos, y)
+            out[p] = op._A_adjoint(self._y_block(k, y, p))
+        return out
+
+    def _prox(self, z: Tensor, y: Tensor, gamma: Tensor) -> Tensor:
+        out = torch.empty_like(z)
+        for k, pos, op in self._parts:
+            p = self._pos(k, pos, z)
+            out[p] = op._prox(z[p], self._y_block(k, y, p), gamma[p])
+        return out
+
+    def measured(self, like: Tensor | None = None) -> Tensor:
+        """``(B, M)`` bool: True where an entry of ``y`` is a measurement, False in the padding."""
+        lengths = torch.tensor(self._m)[self.block]
+        mask = torch.arange(self.M)[None, :] < lengths[:, None]
+        return mask if like is None else mask.to(like.device)
+
+    def degrade(self, x: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+        """``y = A x + sigma/255 * n`` on the measured entries; the padding stays 0."""
+        y = super().degrade(x, sigma, generator)
+        return y * self.measured(y)
+
+    def pack(self, ys: list[Tensor]) -> Tensor:
+        """``(B, M)`` measurements from each block's own ``y`` (block ``k``'s of shape ``ops[k].output_shape``),
+        in block order, zero-padded: the ``y`` of this operator for measurements drawn block by block."""
+        if len(ys) != len(self.ops):
+            raise ValueError(f"give one measurement tensor per block ({len(self.ops)}), got {len(ys)}")
+        sizes = self.full_sizes
+        if self.block.numel() != sum(sizes) or not bool(
+            torch.equal(self.local, torch.cat([torch.arange(n) for n in sizes]))
+        ):
+            raise ValueError(
+                "pack needs the operator as built, with every block whole and in order (not a rows() subset)"
+            )
+        out = []
+        for k, (yk, n) in enumerate(zip(ys, sizes, strict=True)):
+            yk = _check_finite(yk, f"ys[{k}]")
+            want = self.ops[k].output_shape((n, *self.image_shape))
+            if tuple(yk.shape) != tuple(want):
+                raise ValueError(f"ys[{k}] has shape {tuple(yk.shape)} but block {k} produces {tuple(want)}")
+            out.append(torch.nn.functional.pad(yk.flatten(1), (0, self.M - self._m[k])))
+        return torch.cat(out)
+
+    def __repr__(self) -> str:
+        blocks = ", ".join(f"{type(op).__name__} x{n}" for op, n in zip(self.ops, self.sizes, strict=True))
+        return f"BatchBlocks([{blocks}], image_shape={self.image_shape}, M={self.M})"
 
 
 def as_operator(physics: Any, image_shape: tuple[int, int, int] | None = None) -> LinearOperator:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from jpmap_core.operators import (
+    BatchBlocks,
     BlurFFT,
     CompressedSensing,
     Denoising,
@@ -68,6 +69,23 @@ CASES = {
     "blur_odd_kernel": (lambda: BlurFFT(kernel(5, 5, 6), (1, 8, 8)), (B, 1, 8, 8)),
     "superresolution_x2": (lambda: SuperResolution(kernel(3, 3, 7), 2, (2, 8, 12)), (B, 2, 8, 12)),
     "superresolution_x3_even_kernel": (lambda: SuperResolution(kernel(4, 4, 8), 3, (1, 9, 9)), (B, 1, 9, 9)),
+    "batch_blocks_cs_and_per_image_masks": (  # measurements padded from m = 20 to M = 64
+        lambda: BatchBlocks(
+            [
+                CompressedSensing(20, (1, 8, 8), generator=gen(12)),
+                Inpainting(image_shape=(1, 8, 8), missing=0.4, batch_size=2, generator=gen(13)),
+            ],
+            [1, 2],
+        ),
+        (B, 1, 8, 8),
+    ),
+    "batch_blocks_three_problems": (
+        lambda: BatchBlocks(
+            [Denoising(), CompressedSensing(30, (1, 8, 8), generator=gen(14)), BlurFFT(kernel(3, 3, 15), (1, 8, 8))],
+            [1, 1, 1],
+        ),
+        (B, 1, 8, 8),
+    ),
     "cg_fallback_dense": (
         lambda: DenseOperator(torch.randn(30, 48, generator=gen(9)) / math.sqrt(30), (3, 4, 4)),
         (B, 3, 4, 4),
@@ -195,13 +213,66 @@ def test_degrade_noise_has_std_sigma_over_255(case):
     x = torch.rand(x_shape, generator=gen(0))
     ax = op.A(x)
     g = gen(11)
-    samples = torch.cat([(op.degrade(x, 25, generator=g) - ax).flatten() for _ in range(300)]).double()
+    keep = op.measured(ax) if isinstance(op, BatchBlocks) else torch.ones_like(ax, dtype=torch.bool)
+    samples = torch.cat([(op.degrade(x, 25, generator=g) - ax)[keep] for _ in range(300)]).double()
     n = samples.numel()
     assert abs(float(samples.mean())) < 5 * (25 / 255) / math.sqrt(n)
     assert float(samples.std()) == pytest.approx(25 / 255, rel=0.03)
 
 
 # ---- operator-specific properties -------------------------------------------------------------------------
+def test_batch_blocks_is_each_block_operator_on_its_images():
+    """A, A^T, prox_l2 (per-image gamma), A_dagger and degrade of a BatchBlocks are those of each block's own
+    operator on its images, with the measurements zero-padded to the longest block's m."""
+    cs40, cs80 = (CompressedSensing(m, (1, 8, 8), generator=gen(m)) for m in (40, 80))
+    masks = Inpainting(image_shape=(1, 8, 8), missing=0.5, batch_size=2, generator=gen(3))
+    ops, sizes = [cs40, masks, cs80, Denoising()], [2, 2, 1, 2]
+    op = BatchBlocks(ops, sizes)
+    assert op.output_shape((7, 1, 8, 8)) == (7, 80) and op.d == 64
+    x = torch.rand(7, 1, 8, 8, generator=gen(0), dtype=F64)
+    z = torch.rand(7, 1, 8, 8, generator=gen(1), dtype=F64)
+    gamma = torch.linspace(0.5, 20.0, 7, dtype=F64)
+    blocks = [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 7)]
+    ys = [
+        o.degrade(x[b].float(), 10, generator=gen(20 + k)).double()
+        for k, (o, b) in enumerate(zip(ops, blocks, strict=True))
+    ]
+    y = op.pack(ys)
+    assert y.shape == (7, 80) and not bool(y[~op.measured()].any())
+    ax, aty, prox, dag = op.A(x), op.A_adjoint(y), op.prox_l2(z, y, gamma), op.A_dagger(y)
+    for k, (o, b) in enumerate(zip(ops, blocks, strict=True)):
+        m = math.prod(o.output_shape((1, 1, 8, 8))[1:])
+        torch.testing.assert_close(ax[b, :m], o.A(x[b]).flatten(1), rtol=0, atol=1e-12)
+        assert not bool(ax[b, m:].any())
+        torch.testing.assert_close(aty[b], o.A_adjoint(ys[k]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(prox[b], o.prox_l2(z[b], ys[k], gamma[b]), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dag[b], o.A_dagger(ys[k]), rtol=1e-10, atol=1e-10)
+    noisy = op.degrade(x.float(), 25, generator=gen(5))
+    assert not bool(noisy[~op.measured()].any())  # the padding carries no noise
+    assert "CompressedSensing x2" in repr(op)
+
+
+def test_batch_blocks_rejects_what_it_cannot_stack():
+    cs = CompressedSensing(20, (1, 8, 8), generator=gen(0))
+    with pytest.raises(ValueError, match="one block size per operator"):
+        BatchBlocks([cs, Denoising()], [1])
+    with pytest.raises(ValueError, match="one image shape"):
+        BatchBlocks([cs, CompressedSensing(20, (1, 6, 6), generator=gen(0))], [1, 1])
+    with pytest.raises(ValueError, match="give image_shape"):
+        BatchBlocks([Denoising()], [2])
+    with pytest.raises(ValueError, match="sizes"):
+        BatchBlocks([cs], [0])
+    with pytest.raises(TypeError, match="deepinv"):
+        BatchBlocks([as_operator(dinv.physics.Denoising(), (1, 8, 8))], [1])
+    with pytest.raises(ValueError, match="holds 3 images"):
+        BatchBlocks([cs, Denoising()], [1, 2]).A(torch.rand(4, 1, 8, 8))
+    op = BatchBlocks([cs, Denoising()], [1, 2])
+    with pytest.raises(ValueError, match="ys\\[1\\] has shape"):
+        op.pack([torch.rand(1, 20), torch.rand(1, 1, 8, 8)])
+    with pytest.raises(ValueError, match="every block whole"):
+        op.rows(torch.tensor([1, 2])).pack([torch.rand(0, 20), torch.rand(2, 1, 8, 8)])
+
+
 def test_random_inpainting_mask_drops_whole_pixels_at_the_missing_rate():
     op = Inpainting(image_shape=(3, 28, 28), missing=0.8, batch_size=4, generator=gen(0))
     assert tuple(op.mask.shape) == (4, 3, 28, 28)

@@ -9,7 +9,7 @@ import torch
 
 from jpmap_core.energy import J1, coupling
 from jpmap_core.metrics import psnr
-from jpmap_core.operators import CompressedSensing, Denoising, Inpainting
+from jpmap_core.operators import BatchBlocks, CompressedSensing, Denoising, Inpainting
 from jpmap_core.pretrained import load_pretrained
 from jpmap_core.solvers import csgm, jpmap, mapz_splitting
 
@@ -210,6 +210,40 @@ def test_one_sigma_per_image_equals_one_call_per_sigma(vae, digits, method):
         torch.testing.assert_close(both.z[rows], one.z, rtol=0, atol=1e-10)
         assert torch.equal(both.iterations[rows], one.iterations)
     assert not torch.allclose(both.x[:2], both.x[2:], atol=1e-3)  # the two noise levels do restore differently
+
+
+@pytest.mark.parametrize("method", ["csgm", "alg23", "alg24"])
+def test_several_problems_in_one_batch_equal_one_call_per_problem(vae, digits, method):
+    """BatchBlocks + a (B,) sigma: compressed sensing at two m, inpainting and denoising in one call, each image
+    restored as by a call on its own problem (float64): how the benchmark merges its levels and problems."""
+    vae64 = copy.deepcopy(vae).double()
+    x = digits[:6].double()
+    g = torch.Generator().manual_seed(3)
+    ops = [
+        CompressedSensing(40, (1, 28, 28), generator=g),
+        CompressedSensing(140, (1, 28, 28), generator=g),
+        Inpainting(image_shape=(1, 28, 28), missing=0.8, batch_size=2, generator=g),
+        Denoising(),
+    ]
+    sizes, sigmas = [1, 1, 2, 2], [10.0, 10.0, 10.0, 110.0]
+    blocks = [slice(0, 1), slice(1, 2), slice(2, 4), slice(4, 6)]
+    ys = [o.degrade(x[b], s_, generator=g) for o, b, s_ in zip(ops, blocks, sigmas, strict=True)]
+    op = BatchBlocks(ops, sizes)
+    sigma = torch.tensor([s_ for s_, n in zip(sigmas, sizes, strict=True) for _ in range(n)], dtype=torch.float64)
+
+    def run(y, o, sg):
+        if method == "csgm":
+            return csgm(y, o, vae64, sigma=sg, max_iters=200)
+        kw = dict(n1=2, n2=4, n_max=6, **FAST)
+        if method == "alg24":
+            kw.update(alpha=5, rho=1000 / 784, k_max=3)
+        return jpmap(y, o, vae64, sigma=sg, **kw)
+
+    both = run(op.pack(ys), op, sigma)
+    for o, b, y_, s_ in zip(ops, blocks, ys, sigmas, strict=True):
+        one = run(y_, o, s_)
+        torch.testing.assert_close(both.x[b], one.x, rtol=0, atol=1e-9)
+        assert torch.equal(both.iterations[b], one.iterations)
 
 
 def test_per_image_sigma_is_checked(vae, digits):
