@@ -18,10 +18,12 @@ Methods (``METHODS``), all with the same VAE prior, the same degraded images and
 Every (problem, level) draws its operator (mask, matrix) and its noise from its own ``torch.Generator`` seeded by
 :func:`level_seed` -- a function of the notebook's ``SEED``, the problem and the level only, so a level gets the
 same degradation whichever other levels run with it. The restorations are clamped to [0, 1] before every metric,
-for all methods alike. A solver call restores all images of a (problem, level) at once (the solvers are batched);
-the inpainting levels all share ``sigma = 10``, so by default they run as **one** batch with one mask per image
-(``Inpainting(masks)`` with a ``(B, 1, H, W)`` mask): the solvers give every image its own state, so the result of
-an image does not depend on its batch.
+for all methods alike. A solver call restores all images of a (problem, level) at once (the solvers are batched),
+and calls are merged further (``run_benchmark(merge=...)``): the inpainting levels as **one** batch with one mask
+per image (``Inpainting(masks)``), the denoising levels with one ``sigma`` per image, the compressed-sensing levels
+(different ``m``), or every problem, as one :class:`~jpmap_core.operators.BatchBlocks` batch. The solvers give every
+image its own state, so the result of an image does not depend on its batch (tested); merging only changes how
+many batched steps run one after the other, which sets the time on a GPU.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from ._io import atomic_write_text
 from .metrics import lpips, lpips_status, psnr, ssim
-from .operators import CompressedSensing, Denoising, Inpainting, LinearOperator
+from .operators import BatchBlocks, CompressedSensing, Denoising, Inpainting, LinearOperator
 from .solvers import csgm, jpmap
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "Benchmark",
     "Budget",
     "Degraded",
+    "MERGE_MODES",
     "METHODS",
     "MEASUREMENT_SIGMA",
     "PAPER_LEVELS",
@@ -79,6 +82,7 @@ PAPER_LEVELS: dict[str, tuple[float, ...]] = {
     "compressed_sensing": (40, 80, 140, 200, 300),
     "inpainting": (0.5, 0.6, 0.7, 0.8, 0.9),
 }
+MERGE_MODES = ("none", "inpainting", "levels", "all")
 MEASUREMENT_SIGMA = 10.0  # noise std (0-255) of compressed sensing and inpainting (paper Figs. 6-7)
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -140,17 +144,24 @@ def level_seed(seed: int, problem: str, level: float) -> int:
 class Degraded:
     """Measurements of a batch of images: ``y = A x + n`` with noise std ``sigma`` (0-255 scale).
 
-    ``levels``: the level of each image (a batch may mix inpainting levels); ``observation``: what the paper's
-    Fig. 7 shows as the corrupted image (``y`` for denoising, ``A^T y`` for inpainting, missing pixels black;
-    ``None`` for compressed sensing, whose ``y`` is not an image).
+    ``levels``: the level of each image (a merged batch mixes levels); ``sigma``: a number or one per image
+    (``(B,)``, when denoising levels are merged); ``observation``: what the paper's Fig. 7 shows as the corrupted
+    image (``y`` for denoising, ``A^T y`` for inpainting, missing pixels black; ``None`` for compressed sensing,
+    whose ``y`` is not an image, and for merged batches). ``problems``: the problem of each image (default: all
+    ``problem``; a batch that merges problems has ``problem`` ``"mixed"``).
     """
 
     problem: str
     levels: list[float]
-    sigma: float
+    sigma: float | Tensor
     op: LinearOperator
     y: Tensor
     observation: Tensor | None
+    problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.problems:
+            self.problems = [self.problem] * len(self.levels)
 
 
 def degrade(problem: str, level: float, x: Tensor, seed: int) -> Degraded:
@@ -170,17 +181,59 @@ def degrade(problem: str, level: float, x: Tensor, seed: int) -> Degraded:
     return Degraded(problem, [level] * x.shape[0], sigma, op, y, observation)
 
 
-def _merge_inpainting(parts: Sequence[Degraded]) -> Degraded:
-    """One batch of several inpainting levels (same sigma): per-image masks stacked in level order."""
-    op = Inpainting(torch.cat([p.op.mask for p in parts]))
-    return Degraded(
-        "inpainting",
-        [lv for p in parts for lv in p.levels],
-        parts[0].sigma,
-        op,
-        torch.cat([p.y for p in parts]),
-        torch.cat([p.observation for p in parts]),
-    )
+def _sigmas(parts: Sequence[Degraded]) -> float | Tensor:
+    """One sigma if every part has the same, else a ``(B,)`` tensor with each image's."""
+    values = {float(p.sigma) for p in parts if not isinstance(p.sigma, Tensor)}
+    if len(values) == 1 and not any(isinstance(p.sigma, Tensor) for p in parts):
+        return values.pop()
+    return torch.cat(
+        [p.sigma if isinstance(p.sigma, Tensor) else torch.full((len(p.levels),), float(p.sigma)) for p in parts]
+    ).double()
+
+
+def _merge(parts: Sequence[Degraded]) -> Degraded:
+    """One batch of several (problem, level) parts, images in part order.
+
+    Inpainting parts: one ``Inpainting`` with their masks stacked; denoising parts: one ``Denoising`` with one sigma
+    per image; anything else (compressed sensing at several ``m``, several problems): a ``BatchBlocks`` batch, whose
+    blocks are the parts (consecutive inpainting or denoising parts merged first).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    groups: list[list[Degraded]] = []
+    for p in parts:  # runs of inpainting / denoising parts become one block each
+        if groups and p.problem in ("inpainting", "denoising") and groups[-1][0].problem == p.problem:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    blocks = []
+    for g in groups:
+        if len(g) == 1:
+            blocks.append(g[0])
+            continue
+        if g[0].problem == "inpainting":
+            op: LinearOperator = Inpainting(torch.cat([_masks(p.op, len(p.levels)) for p in g]))
+        else:
+            op = Denoising()
+        obs = None if any(p.observation is None for p in g) else torch.cat([p.observation for p in g])
+        blocks.append(
+            Degraded(g[0].problem, [lv for p in g for lv in p.levels], _sigmas(g), op, torch.cat([p.y for p in g]), obs)
+        )
+    sigma = _sigmas(blocks)
+    problems = [pr for b in blocks for pr in b.problems]
+    levels = [lv for b in blocks for lv in b.levels]
+    if len(blocks) == 1:
+        return blocks[0]
+    op = BatchBlocks([b.op for b in blocks], [len(b.levels) for b in blocks], image_shape=IMAGE_SHAPE)
+    y = op.pack([b.y for b in blocks])
+    name = problems[0] if len(set(problems)) == 1 else "mixed"
+    return Degraded(name, levels, sigma, op, y, None, problems)
+
+
+def _masks(op: LinearOperator, n: int) -> Tensor:
+    """The ``(n, C, H, W)`` masks of an inpainting operator (a shared mask repeated)."""
+    assert isinstance(op, Inpainting)
+    return op.mask if op.mask.shape[0] == n else op.mask.expand(n, -1, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -216,9 +269,10 @@ class Budget:
                 raise ValueError(f"Budget.{name} must be a finite number > 0, got {v!r}")
 
 
-def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float, budget: Budget, *, alpha=None):
+def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float | Tensor, budget: Budget, *, alpha=None):
     """Restore a batch with ``method`` (one of :data:`METHODS`) under ``budget``; returns the solver's Restoration.
 
+    ``sigma``: a number or one per image (``(B,)``); CSGM's ``lambda = sigma^2`` is then per image too.
     ``alpha`` (Alg. 2.4 methods only) overrides the method's alpha, e.g. with a ``(B,)`` tensor of per-image values.
     """
     if method == "csgm":
@@ -270,6 +324,7 @@ class Benchmark:
     observations: dict[tuple[str, str], Tensor | None] = field(default_factory=dict)
     x0_psnr: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # PSNR of x0 = A_dagger y (§3.4), clamped
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # {problem: {method: solver seconds}}
+    calls: list[dict[str, Any]] = field(default_factory=list)  # every solver call: what it restored, its cost
     lpips_available: bool = False
     lpips_reason: str = ""
 
@@ -289,15 +344,19 @@ class _Solved:
     converged: Tensor
     outer_iterations: Tensor | None
     seconds: float
+    batched_steps: int
 
 
 def _tile(batch: Degraded, k: int) -> Degraded:
-    """The batch repeated ``k`` times (images in blocks), per-image masks included: one block per merged method."""
+    """The batch repeated ``k`` times (images in blocks), per-image data included: one block per merged method."""
     op = batch.op
     if isinstance(op, Inpainting) and op.mask.shape[0] > 1:
         op = Inpainting(op.mask.repeat(k, 1, 1, 1))
+    elif isinstance(op, BatchBlocks):
+        op = BatchBlocks(op.ops * k, op.full_sizes * k, image_shape=op.image_shape)
     y = batch.y.repeat(k, *([1] * (batch.y.ndim - 1)))
-    return Degraded(batch.problem, list(batch.levels) * k, batch.sigma, op, y, None)
+    sigma = batch.sigma.repeat(k) if isinstance(batch.sigma, Tensor) else batch.sigma
+    return Degraded(batch.problem, list(batch.levels) * k, sigma, op, y, None, list(batch.problems) * k)
 
 
 def _solve_call(method: str | tuple[str, ...], batch: Degraded, vae, budget: Budget, device: torch.device) -> _Solved:
@@ -318,6 +377,7 @@ def _solve_call(method: str | tuple[str, ...], batch: Degraded, vae, budget: Bud
         converged=r.converged.cpu(),
         outer_iterations=None if outer is None else outer.cpu(),
         seconds=time.perf_counter() - t0,
+        batched_steps=int(r.info.get("batched_steps", 0)),
     )
 
 
@@ -346,18 +406,25 @@ def run_benchmark(
     budget: Budget | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    merge_inpainting: bool = True,
+    merge: str = "auto",
     merge_alphas: bool = True,
     workers: int = 1,
     progress: bool = False,
 ) -> Benchmark:
     """Degrade the images ``x`` at every level of every problem in ``levels`` and restore them with every method.
 
-    One solver call per (problem, level, method) restores all images at once; with ``merge_inpainting`` the
-    inpainting levels share one call per method; with ``merge_alphas`` the Alg. 2.4 methods (``jpmap_alpha*``)
-    share one call per batch, one block of images per alpha (``jpmap`` takes a per-image ``alpha``), and the
-    call's seconds are shared equally among them. Each image keeps its own state, so merging changes no result.
-    Metrics are computed on the restorations clamped to [0, 1].
+    A solver call restores all images of its batch at once. ``merge`` (:data:`MERGE_MODES`) says which
+    (problem, level) pairs share a batch: ``"none"`` (one call per level), ``"inpainting"`` (the inpainting levels
+    together, one mask per image), ``"levels"`` (every problem's levels together: denoising with one sigma per
+    image, compressed sensing as a ``BatchBlocks`` of its ``m``) or ``"all"`` (every problem and level in one
+    batch); ``"auto"``: ``"all"`` on a GPU (fewest batched steps one after the other: a step of this small network
+    costs about the same for 100 or 5000 images there), ``"inpainting"`` on the CPU (where the cost grows with the
+    batch and more, smaller calls keep ``workers`` processes busy). With ``merge_alphas`` the Alg. 2.4 methods
+    (``jpmap_alpha*``) share one call per batch, one block of images per alpha (``jpmap`` takes a per-image
+    ``alpha``). A call's seconds are shared equally among its methods, and among its problems in proportion to
+    their images. Each image keeps its own state, so merging changes no result (tested). Metrics are computed on
+    the restorations clamped to [0, 1]. ``Benchmark.calls`` lists every call (problems, images, seconds, batched
+    Adam steps).
     ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
     thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
     then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
@@ -375,6 +442,10 @@ def run_benchmark(
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     x = x.detach().cpu()
     dev = torch.device(device)
+    if merge == "auto":
+        merge = "inpainting" if dev.type == "cpu" else "all"
+    if merge not in MERGE_MODES:
+        raise ValueError(f"unknown merge {merge!r}; expected 'auto' or one of {MERGE_MODES}")
     available, reason = lpips_status()
     bench = Benchmark(
         x_true=x,
@@ -385,6 +456,7 @@ def run_benchmark(
         lpips_reason=reason,
     )
     batches: list[Degraded] = []
+    everything: list[Degraded] = []
     for problem, lvls in bench.levels.items():
         if len({level_key(lv) for lv in lvls}) != len(lvls):
             raise ValueError(f"{problem} levels must be distinct, got {lvls}")
@@ -392,10 +464,14 @@ def run_benchmark(
         for lv, part in zip(lvls, parts, strict=True):
             bench.observations[(problem, level_key(lv))] = part.observation
             bench.x0_psnr[(problem, level_key(lv))] = psnr(part.op.A_dagger(part.y).clamp(0, 1), x)
-        if problem == "inpainting" and merge_inpainting and len(parts) > 1:
-            batches.append(_merge_inpainting(parts))
+        if merge == "all":
+            everything += parts
+        elif merge == "levels" or (merge == "inpainting" and problem == "inpainting"):
+            batches.append(_merge(parts))
         else:
             batches.extend(parts)
+    if everything:
+        batches.append(_merge(everything))
     alpha_methods = tuple(m for m in methods if m in ALPHAS)
     grouped = merge_alphas and len(alpha_methods) > 1
     jobs: list[tuple[Degraded, str | tuple[str, ...]]] = []
@@ -430,15 +506,24 @@ def run_benchmark(
     for i, (batch, group) in enumerate(jobs):
         out = results[i]
         names = group if isinstance(group, tuple) else (group,)
-        per_method = len(batch.levels) // len(names)
-        s = score(out.x, x.repeat(len(batch.levels) // n, 1, 1, 1), with_lpips=available)
-        for j in range(0, len(batch.levels), n):
-            method = names[j // per_method]
-            if j % per_method == 0:
-                bench.seconds.setdefault(batch.problem, {}).setdefault(method, 0.0)
-                bench.seconds[batch.problem][method] += out.seconds / len(names)
+        rows_total = len(batch.levels)
+        bench.calls.append(
+            {
+                "methods": list(names),
+                "problems": sorted(set(batch.problems)),
+                "images": rows_total,
+                "seconds": out.seconds,
+                "batched_steps": out.batched_steps,
+            }
+        )
+        s = score(out.x, x.repeat(rows_total // n, 1, 1, 1), with_lpips=available)
+        per_method = rows_total // len(names)
+        for j in range(0, rows_total, n):
+            method, problem = names[j // per_method], batch.problems[j]
+            bench.seconds.setdefault(problem, {}).setdefault(method, 0.0)
+            bench.seconds[problem][method] += out.seconds * n / rows_total  # this chunk's share of the call
             rows = slice(j, j + n)
-            bench.records[(batch.problem, level_key(batch.levels[j]), method)] = Record(
+            bench.records[(problem, level_key(batch.levels[j]), method)] = Record(
                 x=out.x[rows],
                 psnr=s["psnr"][rows],
                 ssim=s["ssim"][rows],

@@ -117,18 +117,29 @@ def test_metrics_are_computed_on_restorations_clamped_to_the_unit_range():
     assert bool(s["lpips"].isnan().all())
 
 
-def test_merged_inpainting_batch_gives_each_level_its_own_restoration(vae, digits):
-    """The five inpainting levels run as one batch with per-image masks: same numbers as one call per level."""
-    levels = {"inpainting": [0.5, 0.8]}
-    merged = mb.run_benchmark(digits, vae, levels, methods=["jpmap_fixed_beta", "csgm"], budget=TINY, seed=1)
-    apart = mb.run_benchmark(
-        digits, vae, levels, methods=["jpmap_fixed_beta", "csgm"], budget=TINY, seed=1, merge_inpainting=False
-    )
-    for lv in levels["inpainting"]:
-        for m in ("jpmap_fixed_beta", "csgm"):
-            torch.testing.assert_close(merged.record("inpainting", lv, m).x, apart.record("inpainting", lv, m).x,
-                                       rtol=1e-4, atol=1e-4)  # fmt: skip
+@pytest.mark.parametrize("merge", ["inpainting", "levels", "all"])
+def test_merged_batches_give_each_level_its_own_restoration(vae, digits, merge):
+    """Levels (and problems) merged into one batch -- per-image masks, one sigma per image, BatchBlocks of several
+    m -- give the numbers of one call per level, for every method (the alphas merged too)."""
+    levels = {"denoising": [50, 110], "compressed_sensing": [40, 140], "inpainting": [0.5, 0.8]}
+    merged = mb.run_benchmark(digits, vae, levels, budget=TINY, seed=1, merge=merge)
+    apart = mb.run_benchmark(digits, vae, levels, budget=TINY, seed=1, merge="none", merge_alphas=False)
+    assert set(merged.records) == set(apart.records) and len(merged.records) == 6 * len(mb.METHODS)
+    for key, rec in apart.records.items():
+        torch.testing.assert_close(merged.records[key].x, rec.x, rtol=1e-4, atol=1e-4)
+        assert torch.equal(merged.records[key].converged, rec.converged)
+    calls = 3 * {"inpainting": 5, "levels": 3, "all": 1}[merge]  # (csgm, fixed beta, the alphas) per batch
+    assert len(merged.calls) == calls and len(apart.calls) == 6 * len(mb.METHODS)
+    assert sum(c["images"] for c in merged.calls) == sum(c["images"] for c in apart.calls) == 6 * 3 * 5
+    assert all(c["batched_steps"] > 0 for c in merged.calls)
+    for problem in levels:
+        assert set(merged.seconds[problem]) == set(mb.METHODS)
+        assert all(v > 0 for v in merged.seconds[problem].values())
+    total = sum(c["seconds"] for c in merged.calls)
+    assert sum(v for d in merged.seconds.values() for v in d.values()) == pytest.approx(total)
     assert not torch.equal(merged.record("inpainting", 0.5, "csgm").x, merged.record("inpainting", 0.8, "csgm").x)
+    with pytest.raises(ValueError, match="unknown merge"):
+        mb.run_benchmark(digits, vae, levels, budget=TINY, merge="problems")
 
 
 def test_merged_alphas_give_each_alpha_its_own_restoration(vae, digits):

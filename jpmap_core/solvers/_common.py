@@ -86,6 +86,7 @@ class AdamResult:
     converged: Tensor  # (B,) gradient-norm criterion met
     trace: Tensor | None = None  # (T, B) loss at every gradient evaluation (NaN once an image stopped)
     trace_seconds: Tensor | None = None  # (T,) elapsed seconds at each evaluation
+    batched_steps: int = 0  # gradient evaluations of the whole batch, one after the other (AdamPool.calls)
 
 
 class AdamPool:
@@ -129,6 +130,9 @@ class AdamPool:
         self._instant = torch.zeros(bsz, dtype=torch.bool, device=dev)  # started with max_iters = 0
         self.last: tuple[Tensor, Tensor] | None = None  # (rows, losses) of the last gradient evaluation
         self.last_final: tuple[Tensor, Tensor] | None = None  # (rows, losses) of the last final evaluations
+        #: batched gradient evaluations so far: the sequential length of the work, whatever the batch size (on a
+        #: GPU, where one step of a small network costs about the same for 1 or 1000 rows, it sets the time)
+        self.calls = 0
 
     def start(self, rows: Tensor, z0: Tensor) -> None:
         """(Re)start the descents of ``rows`` from ``z0`` (fresh moments and counters)."""
@@ -163,6 +167,7 @@ class AdamPool:
         self.last = self.last_final = None
         idx = self.running.nonzero().squeeze(1)
         if idx.numel():
+            self.calls += 1
             b1, b2 = self.betas
             with torch.enable_grad():
                 zi = self.z[idx].requires_grad_(True)
@@ -243,8 +248,9 @@ def adam_minimize(
                     times.append(clock())
     trace = torch.stack(rows) if record and rows else None
     return AdamResult(
-        pool.best_z, pool.best_loss, pool.steps, pool.converged, trace, torch.tensor(times) if record else None
-    )
+        pool.best_z, pool.best_loss, pool.steps, pool.converged, trace, torch.tensor(times) if record else None,
+        pool.calls,
+    )  # fmt: skip
 
 
 def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: Sigma, x0: Tensor | None, init: str, eps: float):

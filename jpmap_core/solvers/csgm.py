@@ -69,6 +69,7 @@ def csgm(
     decode = vae._decode
     best_z, best_E = None, None
     energies, all_steps, all_conv, traces, trace_times = [], [], [], [], []
+    batched_steps = 0
     for r in range(restarts):
         start = z0 if r == 0 else torch.randn(B, ldim, generator=generator, device=x0.device, dtype=x0.dtype)
         with torch.no_grad():
@@ -84,6 +85,7 @@ def csgm(
             return res.pow(2).sum(1) + lam_i * zr.pow(2).sum(1)
 
         out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters, record=True)
+        batched_steps += out.batched_steps
         energies.append(out.loss)
         traces.append(out.trace)
         trace_times.append(out.trace_seconds)
@@ -123,6 +125,7 @@ def csgm(
             "max_iters": max_iters,
             "restarts": restarts,
             "best_restart": best_r.cpu(),
+            "batched_steps": batched_steps,
             "seconds": clock(),
         },
     )

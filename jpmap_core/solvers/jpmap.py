@@ -443,6 +443,7 @@ def jpmap(
         "tol": tol,
         "adam": ctx.adam,
         "init": "given" if x0 is not None else init,
+        "batched_steps": eng.pool.calls,  # Adam steps of the batch, one after the other (see AdamPool.calls)
     }
     if alpha is not None:
         one = a.numel() == 1
