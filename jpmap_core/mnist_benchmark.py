@@ -65,6 +65,7 @@ __all__ = [
     "plot_sweeps",
     "psnr_gain",
     "qualitative_grid",
+    "resolve_merge",
     "results_table",
     "run_benchmark",
     "score",
@@ -393,6 +394,15 @@ def _worker_call(method: str | tuple[str, ...], batch: Degraded, budget: Budget)
     return _solve_call(method, batch, _WORKER["vae"], budget, torch.device("cpu"))
 
 
+def resolve_merge(merge: str, device: str | torch.device) -> str:
+    """The merge mode ``"auto"`` stands for on ``device`` (see :func:`run_benchmark`), or ``merge``, checked."""
+    if merge == "auto":
+        return "inpainting" if torch.device(device).type == "cpu" else "all"
+    if merge not in MERGE_MODES:
+        raise ValueError(f"unknown merge {merge!r}; expected 'auto' or one of {MERGE_MODES}")
+    return merge
+
+
 #: the order in which a pool starts the calls: the longest first, so that the workers finish together
 _COST_RANK = {"jpmap_alpha1": 0, "jpmap_alpha5": 1, "jpmap_alpha10": 2, "jpmap_fixed_beta": 3, "csgm": 4}
 
@@ -442,10 +452,7 @@ def run_benchmark(
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     x = x.detach().cpu()
     dev = torch.device(device)
-    if merge == "auto":
-        merge = "inpainting" if dev.type == "cpu" else "all"
-    if merge not in MERGE_MODES:
-        raise ValueError(f"unknown merge {merge!r}; expected 'auto' or one of {MERGE_MODES}")
+    merge = resolve_merge(merge, dev)
     available, reason = lpips_status()
     bench = Benchmark(
         x_true=x,
