@@ -29,7 +29,9 @@ many batched steps run one after the other, which sets the time on a GPU.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 import textwrap
@@ -43,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._io import atomic_write_text
+from ._io import atomic_write, atomic_write_text
 from .metrics import lpips, lpips_status, psnr, ssim
 from .operators import BatchBlocks, CompressedSensing, Denoising, Inpainting, LinearOperator
 from .solvers import csgm, jpmap
@@ -382,6 +384,96 @@ def _solve_call(method: str | tuple[str, ...], batch: Degraded, vae, budget: Bud
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# A cache of finished solver calls, so that a long run (the paper profile) resumes where it stopped
+# ------------------------------------------------------------------------------------------------
+_CACHE_VERSION = "jpmap-companion mnist_benchmark call cache v1"
+#: the sources whose code decides a solver call's result: a change to any of them invalidates the cache
+_SOLVER_SOURCES = ("energy.py", "operators.py", "models", "solvers")
+
+
+def _hash_tensor(h, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _fingerprint(h, obj: Any) -> None:
+    """Feed ``obj`` (an operator, tensors, numbers, lists of them) into the hash ``h``, by value."""
+    if isinstance(obj, Tensor):
+        _hash_tensor(h, obj)
+    elif isinstance(obj, LinearOperator):
+        h.update(type(obj).__name__.encode())
+        for k in sorted(vars(obj)):
+            if not k.startswith("_"):  # caches, cached shapes and factorisations are derived data
+                h.update(k.encode())
+                _fingerprint(h, vars(obj)[k])
+    elif isinstance(obj, list | tuple):
+        h.update(f"[{len(obj)}".encode())
+        for v in obj:
+            _fingerprint(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def _code_fingerprint() -> str:
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for name in _SOLVER_SOURCES:
+        for f in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _vae_fingerprint(vae) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        _hash_tensor(h, v)
+    return h.hexdigest()
+
+
+def _call_key(method: str | tuple[str, ...], batch: Degraded, budget: Budget, vae_fp: str, code_fp: str) -> str:
+    """What decides a call's result: the method(s), the caps, the measurements, sigma, the operator, the prior and
+    the solver code -- by value, so that the key is the same in every process and every session."""
+    h = hashlib.sha256(_CACHE_VERSION.encode())
+    for part in (method, sorted(vars(budget).items()), batch.sigma, batch.op, batch.y, vae_fp, code_fp):
+        _fingerprint(h, part)
+    return h.hexdigest()[:32]
+
+
+def _cache_load(path: Path) -> _Solved | None:
+    """A finished call, or ``None`` when there is none (or the file is unreadable: it is then computed again)."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return _Solved(
+            x=t["x"],
+            converged=t["converged"].bool(),
+            outer_iterations=t.get("outer_iterations"),
+            seconds=float(meta["seconds"]),
+            batched_steps=int(meta["batched_steps"]),
+        )
+    except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
+        return None
+
+
+def _cache_save(path: Path, out: _Solved, method: str | tuple[str, ...]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"x": out.x.contiguous(), "converged": out.converged.to(torch.uint8).contiguous()}
+    if out.outer_iterations is not None:
+        tensors["outer_iterations"] = out.outer_iterations.contiguous()
+    meta = {"seconds": repr(out.seconds), "batched_steps": str(out.batched_steps), "method": json.dumps(method)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -420,6 +512,7 @@ def run_benchmark(
     merge_alphas: bool = True,
     workers: int = 1,
     progress: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> Benchmark:
     """Degrade the images ``x`` at every level of every problem in ``levels`` and restore them with every method.
 
@@ -434,7 +527,13 @@ def run_benchmark(
     ``alpha``). A call's seconds are shared equally among its methods, and among its problems in proportion to
     their images. Each image keeps its own state, so merging changes no result (tested). Metrics are computed on
     the restorations clamped to [0, 1]. ``Benchmark.calls`` lists every call (problems, images, seconds, batched
-    Adam steps).
+    Adam steps, and whether it came from the cache).
+
+    ``cache``: a folder where every finished call is saved (safetensors, written atomically) under a key made of
+    everything that decides its result -- method, caps, measurements, sigma, operator, the prior's weights and the
+    solver code (any change to ``solvers/``, ``models/``, ``energy.py`` or ``operators.py`` gives new keys). A run
+    that is interrupted (a session that ends, a lost GPU) and started again computes only the calls it lacks; a
+    cached call keeps the seconds it took when it ran.
     ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
     thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
     then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
@@ -488,7 +587,25 @@ def run_benchmark(
             jobs.append((_tile(b, len(alpha_methods)), alpha_methods))
     bar = tqdm(total=len(jobs), desc="solver calls", disable=not progress)
     results: dict[int, _Solved] = {}
-    if workers > 1 and dev.type == "cpu" and len(jobs) > 1:
+    paths: dict[int, Path] = {}
+    if cache is not None:
+        vae_fp, code_fp = _vae_fingerprint(vae), _code_fingerprint()
+        for i, (batch, method) in enumerate(jobs):
+            paths[i] = Path(cache) / f"{_call_key(method, batch, budget, vae_fp, code_fp)}.safetensors"
+            hit = _cache_load(paths[i])
+            if hit is not None:
+                results[i] = hit
+                bar.update()
+    cached = set(results)
+    todo = [i for i in range(len(jobs)) if i not in results]
+
+    def done(i: int, out: _Solved) -> None:
+        results[i] = out
+        if i in paths:
+            _cache_save(paths[i], out, jobs[i][1])
+        bar.update()
+
+    if workers > 1 and dev.type == "cpu" and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -496,18 +613,17 @@ def run_benchmark(
             m = jobs[i][1]
             return (-1 if isinstance(m, tuple) else _COST_RANK[m], -len(jobs[i][0].levels))
 
-        order = sorted(range(len(jobs)), key=rank)
+        order = sorted(todo, key=rank)
         ctx = mp.get_context("spawn")  # a clean interpreter: safe under Jupyter's threads, whatever the platform
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
                                  initargs=(vae, 1)) as pool:  # fmt: skip
             futures = {pool.submit(_worker_call, jobs[i][1], jobs[i][0], budget): i for i in order}
             for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                bar.update()
+                done(futures[f], f.result())
     else:
-        for i, (batch, method) in enumerate(jobs):
-            results[i] = _solve_call(method, batch, vae, budget, dev)
-            bar.update()
+        for i in todo:
+            batch, method = jobs[i]
+            done(i, _solve_call(method, batch, vae, budget, dev))
     bar.close()
     n = x.shape[0]
     for i, (batch, group) in enumerate(jobs):
@@ -521,6 +637,7 @@ def run_benchmark(
                 "images": rows_total,
                 "seconds": out.seconds,
                 "batched_steps": out.batched_steps,
+                "cached": i in cached,
             }
         )
         s = score(out.x, x.repeat(rows_total // n, 1, 1, 1), with_lpips=available)

@@ -142,6 +142,31 @@ def test_merged_batches_give_each_level_its_own_restoration(vae, digits, merge):
         mb.run_benchmark(digits, vae, levels, budget=TINY, merge="problems")
 
 
+def test_cache_resumes_a_run_with_the_calls_it_lacks(vae, digits, tmp_path):
+    """Every finished call is saved; a run started again loads those and computes only the missing or damaged ones;
+    other caps (or measurements, prior, solver code) give other keys."""
+    levels = {"denoising": [110], "compressed_sensing": [140]}
+    methods = ["csgm", "jpmap_fixed_beta", "jpmap_alpha1", "jpmap_alpha10"]
+    first = mb.run_benchmark(digits, vae, levels, methods=methods, budget=TINY, seed=0, cache=tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == len(first.calls) == 2 * 3 and not any(c["cached"] for c in first.calls)
+    files[0].unlink()  # as if the run had stopped before this call
+    files[1].write_bytes(b"not a safetensors file")  # a damaged entry is recomputed, never trusted
+    again = mb.run_benchmark(digits, vae, levels, methods=methods, budget=TINY, seed=0, cache=tmp_path)
+    assert sum(not c["cached"] for c in again.calls) == 2
+    for key, rec in first.records.items():
+        torch.testing.assert_close(again.records[key].x, rec.x, rtol=0, atol=0)
+        assert torch.equal(again.records[key].converged, rec.converged)
+    assert [c["seconds"] for c in again.calls if c["cached"]] == [
+        c["seconds"] for c, a in zip(first.calls, again.calls, strict=True) if a["cached"]
+    ]
+    other = mb.Budget(n1=2, n2=3, n_max=4, adam_max_iters=9, csgm_max_iters=10, k_max=2)
+    third = mb.run_benchmark(digits, vae, levels, methods=methods, budget=other, seed=0, cache=tmp_path)
+    assert not any(c["cached"] for c in third.calls) and len(list(tmp_path.glob("*.safetensors"))) == 12
+    reseeded = mb.run_benchmark(digits, vae, levels, methods=["csgm"], budget=TINY, seed=1, cache=tmp_path)
+    assert not any(c["cached"] for c in reseeded.calls)  # other noise and matrices: other measurements
+
+
 def test_merged_alphas_give_each_alpha_its_own_restoration(vae, digits):
     """The Alg. 2.4 methods share one call (one block of images per alpha): same numbers as one call per alpha."""
     levels = {"denoising": [110], "inpainting": [0.5, 0.8]}
