@@ -29,9 +29,7 @@ many batched steps run one after the other, which sets the time on a GPU.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import math
 import os
 import textwrap
@@ -45,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._io import atomic_write, atomic_write_text
+from ._io import atomic_write_text
+from .cache import CallCache
 from .metrics import lpips, lpips_status, psnr, ssim
 from .operators import BatchBlocks, CompressedSensing, Denoising, Inpainting, LinearOperator
 from .solvers import csgm, jpmap
@@ -384,96 +383,6 @@ def _solve_call(method: str | tuple[str, ...], batch: Degraded, vae, budget: Bud
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# A cache of finished solver calls, so that a long run (the paper profile) resumes where it stopped
-# ------------------------------------------------------------------------------------------------
-_CACHE_VERSION = "jpmap-companion mnist_benchmark call cache v1"
-#: the sources whose code decides a solver call's result: a change to any of them invalidates the cache
-_SOLVER_SOURCES = ("energy.py", "operators.py", "models", "solvers")
-
-
-def _hash_tensor(h, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _fingerprint(h, obj: Any) -> None:
-    """Feed ``obj`` (an operator, tensors, numbers, lists of them) into the hash ``h``, by value."""
-    if isinstance(obj, Tensor):
-        _hash_tensor(h, obj)
-    elif isinstance(obj, LinearOperator):
-        h.update(type(obj).__name__.encode())
-        for k in sorted(vars(obj)):
-            if not k.startswith("_"):  # caches, cached shapes and factorisations are derived data
-                h.update(k.encode())
-                _fingerprint(h, vars(obj)[k])
-    elif isinstance(obj, list | tuple):
-        h.update(f"[{len(obj)}".encode())
-        for v in obj:
-            _fingerprint(h, v)
-    else:
-        h.update(repr(obj).encode())
-
-
-def _code_fingerprint() -> str:
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for name in _SOLVER_SOURCES:
-        for f in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _vae_fingerprint(vae) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(vae.state_dict().items()):
-        h.update(k.encode())
-        _hash_tensor(h, v)
-    return h.hexdigest()
-
-
-def _call_key(method: str | tuple[str, ...], batch: Degraded, budget: Budget, vae_fp: str, code_fp: str) -> str:
-    """What decides a call's result: the method(s), the caps, the measurements, sigma, the operator, the prior and
-    the solver code -- by value, so that the key is the same in every process and every session."""
-    h = hashlib.sha256(_CACHE_VERSION.encode())
-    for part in (method, sorted(vars(budget).items()), batch.sigma, batch.op, batch.y, vae_fp, code_fp):
-        _fingerprint(h, part)
-    return h.hexdigest()[:32]
-
-
-def _cache_load(path: Path) -> _Solved | None:
-    """A finished call, or ``None`` when there is none (or the file is unreadable: it is then computed again)."""
-    if not path.exists():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        return _Solved(
-            x=t["x"],
-            converged=t["converged"].bool(),
-            outer_iterations=t.get("outer_iterations"),
-            seconds=float(meta["seconds"]),
-            batched_steps=int(meta["batched_steps"]),
-        )
-    except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
-        return None
-
-
-def _cache_save(path: Path, out: _Solved, method: str | tuple[str, ...]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"x": out.x.contiguous(), "converged": out.converged.to(torch.uint8).contiguous()}
-    if out.outer_iterations is not None:
-        tensors["outer_iterations"] = out.outer_iterations.contiguous()
-    meta = {"seconds": repr(out.seconds), "batched_steps": str(out.batched_steps), "method": json.dumps(method)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
 _WORKER: dict[str, Any] = {}
 
 
@@ -587,22 +496,30 @@ def run_benchmark(
             jobs.append((_tile(b, len(alpha_methods)), alpha_methods))
     bar = tqdm(total=len(jobs), desc="solver calls", disable=not progress)
     results: dict[int, _Solved] = {}
-    paths: dict[int, Path] = {}
-    if cache is not None:
-        vae_fp, code_fp = _vae_fingerprint(vae), _code_fingerprint()
+    keys: dict[int, str] = {}
+    store = None if cache is None else CallCache(cache, vae)
+    if store is not None:
         for i, (batch, method) in enumerate(jobs):
-            paths[i] = Path(cache) / f"{_call_key(method, batch, budget, vae_fp, code_fp)}.safetensors"
-            hit = _cache_load(paths[i])
+            keys[i] = store.key(method, sorted(vars(budget).items()), batch.sigma, batch.op, batch.y)
+            hit = store.load(keys[i])
             if hit is not None:
-                results[i] = hit
+                t, meta = hit
+                results[i] = _Solved(
+                    x=t["x"], converged=t["converged"].bool(), outer_iterations=t.get("outer_iterations"),
+                    seconds=float(meta["seconds"]), batched_steps=int(meta["batched_steps"]),
+                )  # fmt: skip
                 bar.update()
     cached = set(results)
     todo = [i for i in range(len(jobs)) if i not in results]
 
     def done(i: int, out: _Solved) -> None:
         results[i] = out
-        if i in paths:
-            _cache_save(paths[i], out, jobs[i][1])
+        if store is not None:
+            t = {"x": out.x, "converged": out.converged.to(torch.uint8)}
+            if out.outer_iterations is not None:
+                t["outer_iterations"] = out.outer_iterations
+            meta = {"seconds": out.seconds, "batched_steps": out.batched_steps, "method": jobs[i][1]}
+            store.save(keys[i], t, meta)
         bar.update()
 
     if workers > 1 and dev.type == "cpu" and len(todo) > 1:
