@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PROFILE ?= default
 DEVICE  ?= cpu
 ONLY    ?=
+SET     ?=
 
 .PHONY: setup test lint bench clean-venv
 
@@ -18,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: reproduce
-# Every notebook with papermill into figures/$(PROFILE)/ (ONLY=03,04 for some of them).
+# Every notebook with papermill into figures/$(PROFILE)/ (ONLY=03,04 for some of them; SET="WORKERS=4 MERGE=none"
+# overrides parameters of the notebooks that have them, recorded in summary.json).
 reproduce: setup
-	$(PY) -m jpmap_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(ONLY),--only $(ONLY))
+	$(PY) -m jpmap_core.reproduce --profile $(PROFILE) --device $(DEVICE) $(if $(ONLY),--only $(ONLY)) $(foreach s,$(SET),--set $(s))
 
 test: setup
 	$(PY) -m pytest -q

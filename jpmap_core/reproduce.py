@@ -78,6 +78,7 @@ class Result:
     cell: int | None = None  # failing cell, index among all cells of the committed notebook (0-based)
     exec_count: int | None = None  # its "In [n]" in the executed notebook
     cell_source: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set values given to this notebook
     metrics: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -170,6 +171,43 @@ def parameters_cell_names(nb: nbformat.NotebookNode) -> dict[str, Any] | None:
                 except (ValueError, TypeError, SyntaxError):
                     names[target.id] = ...
     return names
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["WORKERS=4", "MERGE=none"]`` -> ``{"WORKERS": 4, "MERGE": "none"}`` (values read as YAML: 4, 0.5, null,
+    [25, 50], true, or a bare string)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        name, sep, value = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ReproduceError(f"--set {item!r}: expected NAME=VALUE, e.g. --set WORKERS=4")
+        if name in RESERVED:
+            raise ReproduceError(f"--set {name}: the runner injects it (use --profile/--device/--out instead)")
+        try:
+            out[name] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ReproduceError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    return out
+
+
+def _apply_overrides(notebooks: Sequence[Path], overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each notebook's overrides: the names its parameters cell assigns (a name none of them has is an error)."""
+    applied: dict[str, dict[str, Any]] = {p.stem: {} for p in notebooks}
+    used: set[str] = set()
+    for nb_path in notebooks:
+        names = parameters_cell_names(nbformat.read(nb_path, as_version=4)) or {}
+        for name, value in overrides.items():
+            if name in names:
+                applied[nb_path.stem][name] = value
+                used.add(name)
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise ReproduceError(
+            f"--set {', '.join(unused)}: no selected notebook has such a parameter "
+            f"({', '.join(p.stem for p in notebooks)})"
+        )
+    return applied
 
 
 def _plan(
@@ -415,17 +453,22 @@ def run_notebooks(
     strict: bool = False,
     progress: bool = True,
     notebooks_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[Result]:
     """Execute the notebooks (all, or those named by ``only``) with ``profile``; one :class:`Result` each.
 
     ``out`` defaults to ``figures/<profile>`` next to the notebooks folder; ``timeout`` is papermill's
-    per-cell ``execution_timeout`` in seconds (None: no limit). Writes ``out/summary.json``. Usage errors raise
-    :class:`ReproduceError` before anything runs; notebook failures are returned, never raised.
+    per-cell ``execution_timeout`` in seconds (None: no limit). ``overrides`` (``--set NAME=VALUE``) replace
+    profile parameters in the notebooks that have them -- meant for how a run is carried out (``WORKERS``,
+    ``MERGE``, ``CACHE_DIR``, ``TORCH_THREADS``), and recorded in each result and in ``summary.json``. Writes
+    ``out/summary.json``. Usage errors raise :class:`ReproduceError` before anything runs; notebook failures are
+    returned, never raised.
     """
     from tqdm.auto import tqdm
 
     nb_dir = Path(notebooks_dir).resolve() if notebooks_dir is not None else default_notebooks_dir()
     notebooks, params = _plan(profile, only, nb_dir)
+    applied = _apply_overrides(notebooks, overrides or {})
     if device == "cuda":
         import torch
 
@@ -442,7 +485,7 @@ def run_notebooks(
             bar.set_postfix_str(nb_path.stem)
             result = _run_one(
                 nb_path,
-                params[nb_path.stem],
+                {**params[nb_path.stem], **applied[nb_path.stem]},
                 out_path,
                 kernel=kernel,
                 timeout=timeout,
@@ -450,6 +493,7 @@ def run_notebooks(
                 profile=profile,
                 device=device,
             )
+            result.overrides = applied[nb_path.stem]
             results.append(result)
             if progress:
                 bar.write(f"{result.status:>7}  {result.notebook}  ({result.seconds:.1f} s)")
@@ -469,6 +513,7 @@ def run_notebooks(
         "strict": strict,
         "started": started,
         "notebooks_dir": str(nb_dir),
+        "overrides": dict(overrides or {}),
         "results": rows,
     }
     atomic_write_json(out_path / "summary.json", summary)
@@ -626,6 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="a notebook skipped for missing data counts as failed")
     parser.add_argument("--notebooks-dir", type=Path, help="folder of NN_topic.ipynb + profiles.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--set", action="append", metavar="NAME=VALUE",
+        help="override a parameter of the notebooks that have it, e.g. --set WORKERS=4 (repeatable; recorded)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         results = run_notebooks(
@@ -637,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             strict=args.strict,
             progress=not args.no_progress,
             notebooks_dir=args.notebooks_dir,
+            overrides=parse_overrides(args.set),
         )
     except ReproduceError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -247,3 +247,25 @@ def test_partial_run_updates_its_rows_of_the_summary_and_keeps_the_others(smoke_
     assert sorted(r["notebook"] for r in after) == sorted(r["notebook"] for r in before)
     row = next(r for r in after if r["notebook"] == "01_ok")
     assert row["seconds"] == ok.seconds
+
+
+def test_set_overrides_a_parameter_and_is_recorded(notebooks_dir, tmp_path):
+    """--set N=5 replaces the profile's N in the notebooks that have it, and the run records it."""
+    code = main(["--profile", "smoke", "--only", "01", "--notebooks-dir", str(notebooks_dir), "--out", str(tmp_path),
+                 "--no-progress", "--set", "N=5"])  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp_path / "01_ok" / "metrics.json").read_text())["n_images"] == 5
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["overrides"] == {"N": 5} and summary["results"][0]["overrides"] == {"N": 5}
+
+
+def test_set_is_checked_before_anything_runs(notebooks_dir, tmp_path):
+    assert reproduce.parse_overrides(["A=4", "B=none", "C=null", "D=[25, 50]", "E=0.5"]) == {
+        "A": 4, "B": "none", "C": None, "D": [25, 50], "E": 0.5,
+    }  # fmt: skip
+    for bad, match in ((["N"], "NAME=VALUE"), (["OUT_DIR=/x"], "injects"), (["N=[1"], "not valid YAML")):
+        with pytest.raises(ReproduceError, match=match):
+            reproduce.parse_overrides(bad)
+    with pytest.raises(ReproduceError, match="no selected notebook has such a parameter"):
+        run_notebooks("smoke", out=tmp_path, notebooks_dir=notebooks_dir, progress=False, overrides={"WORKERS": 2})
+    assert not list(tmp_path.iterdir())
