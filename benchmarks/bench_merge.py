@@ -19,8 +19,6 @@ the time follows the batched steps. The wall times of the modes say which holds 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_solvers import step_cost  # noqa: E402
+from bench_solvers import machine_info, step_cost  # noqa: E402
 
 from jpmap_core import mnist_benchmark as mb  # noqa: E402
 from jpmap_core._io import atomic_write_json  # noqa: E402
@@ -61,15 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     x = data.images[: a.n_images]
     budget = mb.Budget(k_max=a.k_max)
     n = x.shape[0]
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "python": sys.version.split()[0],
-    }
+    machine = machine_info(dev)
     print(f"# {n} MNIST test digits ({data.source}), 15 levels x 5 methods; {budget}; {machine}", flush=True)
     sizes = sorted({n, 5 * n, 15 * n, 3 * 5 * n, 3 * 15 * n})
     step_ms = {str(b): step_cost(vae, b, 50, dev) * 1e3 for b in sizes}

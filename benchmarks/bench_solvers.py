@@ -83,6 +83,19 @@ def make_problem(name: str, x: torch.Tensor, seed: int):
     return op, op.degrade(x, sigma, generator=g), sigma
 
 
+def machine_info(dev: torch.device) -> dict:
+    """Where a benchmark ran: platform, cores, torch and its threads, the device (GPU name), Python."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "python": sys.version.split()[0],
+    }
+
+
 def step_cost(vae, b: int, repeats: int = 200, device: str | torch.device = "cpu") -> float:
     """Seconds of one batched Adam step (decoder forward + backward + update) on ``b`` images (the mean of
     ``repeats`` steps after 20 warm-up steps; synchronised on a GPU)."""
@@ -148,15 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_mnist("test")
     x = data.images[: a.n_images].to(dev)
     N, K = x.shape[0], min(a.loop_images, x.shape[0])
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "python": sys.version.split()[0],
-    }
+    machine = machine_info(dev)
     c1, cN = step_costs(vae, N, device=dev)
     print(f"# one Adam step: {c1 * 1e3:.3f} ms on 1 image, {cN * 1e3:.3f} ms on {N} images", flush=True)
     loop_idx = [i * N // K for i in range(K)]
