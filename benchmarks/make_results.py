@@ -1,7 +1,9 @@
-"""Print the markdown table of a ``bench_solvers.py`` or ``bench_faces.py`` JSON file (what ``RESULTS.md`` shows).
+"""Print the markdown table of a ``bench_solvers.py``, ``bench_faces.py`` or ``bench_merge.py`` JSON file (what
+``RESULTS.md`` shows).
 
 python benchmarks/make_results.py benchmarks/results_cpu.json
 python benchmarks/make_results.py benchmarks/results_faces_cpu.json
+python benchmarks/make_results.py benchmarks/results_merge_cpu.json
 """
 
 from __future__ import annotations
@@ -63,6 +65,34 @@ def faces_table(path: str) -> str:
     return "\n".join(lines)
 
 
+def merge_table(path: str) -> str:
+    d = json.load(open(path))
+    m, b = d["machine"], d["budget"]
+    steps = ", ".join(f"{v:.2f} ms on {k} rows" for k, v in d["step_ms"].items())
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), one process. Prior `{d['prior']}` (sha256 `{d['weights_sha256'][:12]}...`), "
+        f"data: {d['data_source']}; {d['n_images']} digits x 15 levels x 5 methods; caps n1 = {b['n1']}, "
+        f"n2 = {b['n2']}, n_max = {b['n_max']}, {b['adam_max_iters']} Adam steps per z-step, "
+        f"CSGM {b['csgm_max_iters']}, Alg. 2.4 k_max = {b['k_max']}. One Adam step of the prior: {steps}.",
+        "",
+        "| merge | solver calls | rows | largest call (rows) | batched Adam steps (all calls) | longest call (steps) "
+        "| wall s | max abs diff vs first | mean PSNR dB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['merge']} | {r['calls']} | {r['rows']} | {r['largest_call_rows']} | {r['batched_steps_total']} "
+            f"| {r['batched_steps_longest_call']} | {r['seconds']:.0f} | {r['max_abs_diff_vs_first_mode']:.1e} "
+            f"| {r['psnr_mean']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json"
-    print(faces_table(path) if "prior" in json.load(open(path)) and "budget" in json.load(open(path)) else table(path))
+    d = json.load(open(path))
+    if d.get("benchmark") == "merge":
+        print(merge_table(path))
+    else:
+        print(faces_table(path) if "prior" in d and "budget" in d else table(path))
