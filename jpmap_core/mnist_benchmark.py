@@ -226,7 +226,8 @@ def _merge(parts: Sequence[Degraded]) -> Degraded:
     levels = [lv for b in blocks for lv in b.levels]
     if len(blocks) == 1:
         return blocks[0]
-    op = BatchBlocks([b.op for b in blocks], [len(b.levels) for b in blocks], image_shape=IMAGE_SHAPE)
+    shape = next((b.op.image_shape for b in blocks if b.op.image_shape is not None), tuple(blocks[0].y.shape[1:]))
+    op = BatchBlocks([b.op for b in blocks], [len(b.levels) for b in blocks], image_shape=shape)
     y = op.pack([b.y for b in blocks])
     name = problems[0] if len(set(problems)) == 1 else "mixed"
     return Degraded(name, levels, sigma, op, y, None, problems)
