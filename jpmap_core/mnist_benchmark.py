@@ -399,7 +399,7 @@ def _worker_call(method: str | tuple[str, ...], batch: Degraded, budget: Budget)
 def resolve_merge(merge: str, device: str | torch.device) -> str:
     """The merge mode ``"auto"`` stands for on ``device`` (see :func:`run_benchmark`), or ``merge``, checked."""
     if merge == "auto":
-        return "inpainting" if torch.device(device).type == "cpu" else "all"
+        return "levels" if torch.device(device).type == "cpu" else "all"
     if merge not in MERGE_MODES:
         raise ValueError(f"unknown merge {merge!r}; expected 'auto' or one of {MERGE_MODES}")
     return merge
@@ -431,8 +431,9 @@ def run_benchmark(
     together, one mask per image), ``"levels"`` (every problem's levels together: denoising with one sigma per
     image, compressed sensing as a ``BatchBlocks`` of its ``m``) or ``"all"`` (every problem and level in one
     batch); ``"auto"``: ``"all"`` on a GPU (fewest batched steps one after the other: a step of this small network
-    costs about the same for 100 or 5000 images there), ``"inpainting"`` on the CPU (where the cost grows with the
-    batch and more, smaller calls keep ``workers`` processes busy). With ``merge_alphas`` the Alg. 2.4 methods
+    should cost little more for 5000 images than for 100 there), ``"levels"`` on the CPU (9 calls that ``workers``
+    processes share: the fastest mode on 2 cores, see ``benchmarks/RESULTS.md``). With ``merge_alphas`` the Alg. 2.4
+    methods
     (``jpmap_alpha*``) share one call per batch, one block of images per alpha (``jpmap`` takes a per-image
     ``alpha``). A call's seconds are shared equally among its methods, and among its problems in proportion to
     their images. Each image keeps its own state, so merging changes no result (tested). Metrics are computed on
