@@ -20,6 +20,7 @@ differences, how often each method wins and by how much, and the distances ``||z
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import mnist_benchmark as mb
+from .cache import CallCache
 from .metrics import psnr, ssim
 from .operators import Inpainting
 
@@ -75,7 +77,8 @@ class FaceRun:
     z_distance: dict[str, Tensor] = field(default_factory=dict)  # method -> ||z - mu_phi(x*)||
     converged: dict[str, Tensor] = field(default_factory=dict)
     iterations: dict[str, Tensor] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # method -> seconds of its (batched) solver call
+    seconds: dict[str, float] = field(default_factory=dict)  # method -> seconds of its (batched) solver calls
+    cached_chunks: dict[str, int] = field(default_factory=dict)  # method -> chunks loaded from the cache
     z_true_norm: Tensor | None = None  # ||mu_phi(x*)||, the scale of z_distance
     recon: Tensor | None = None  # mu_theta(mu_phi(x*))
     recon_psnr: Tensor | None = None
@@ -109,11 +112,17 @@ def restore_faces(
     device: str | torch.device = "cpu",
     with_lpips: bool = False,
     methods: Sequence[str] = METHODS,
+    chunk: int | None = None,
+    cache: str | os.PathLike | None = None,
 ) -> FaceRun:
     """Degrade ``x_true`` (``(B, 3, 64, 64)`` on the CPU), restore it with every method in one batched call each, score.
 
     The mask and noise come from ``mb.degrade("inpainting", missing, x_true, seed)``; ``sigma`` must be the benchmark's
-    ``MEASUREMENT_SIGMA`` (10, the paper's) since that function draws the noise with it.
+    ``MEASUREMENT_SIGMA`` (10, the paper's) since that function draws the noise with it. ``chunk``: restore at most
+    ``chunk`` faces per call (default: all at once; each face keeps its own state, so chunks change no result beyond
+    float32 rounding). ``cache``: a folder where every finished call is saved (:class:`~jpmap_core.cache.CallCache`),
+    so that a long run (the paper profile on a CPU) that stops resumes with the calls it lacks; a cached call keeps
+    the seconds it took.
     """
     if x_true.ndim != 4 or x_true.shape[1:] != tuple(vae.image_shape):
         raise ValueError(f"x_true must be (B, *{tuple(vae.image_shape)}) images, got shape {tuple(x_true.shape)}")
@@ -130,22 +139,49 @@ def restore_faces(
     with torch.no_grad():
         z_true = vae.encode(x_true.to(device))[0]
     run.z_true_norm = z_true.norm(dim=1).cpu()
-    op = Inpainting(deg.op.mask.to(device))
-    y = deg.y.to(device)
+    n = x_true.shape[0]
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive number of faces per call, or None (all at once), got {chunk!r}")
+    step = n if chunk is None else chunk
+    store = None if cache is None else CallCache(cache, vae)
     for m in methods:
-        t0 = time.perf_counter()
-        r = mb.solve(m, y, op, vae, deg.sigma, budget)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        run.seconds[m] = time.perf_counter() - t0
-        x = r.x.detach().clamp(0, 1).cpu()
-        run.x[m] = x
-        run.scores[m] = mb.score(x, x_true, with_lpips=with_lpips)
-        run.x_decoded[m] = r.x_decoded.detach().clamp(0, 1).cpu()
+        parts: list[dict[str, Tensor]] = []
+        run.seconds[m], run.cached_chunks[m] = 0.0, 0
+        for lo in range(0, n, step):
+            rows = slice(lo, min(lo + step, n))
+            op = Inpainting(deg.op.mask[rows])
+            key = hit = None
+            if store is not None:
+                key = store.key("faces", m, sorted(vars(budget).items()), deg.sigma, op, deg.y[rows])
+                hit = store.load(key)
+            if hit is not None:
+                part, meta = hit
+                run.cached_chunks[m] += 1
+            else:
+                t0 = time.perf_counter()
+                r = mb.solve(m, deg.y[rows].to(device), Inpainting(op.mask.to(device)), vae, deg.sigma, budget)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                meta = {"seconds": time.perf_counter() - t0, "method": m}
+                part = {
+                    "x": r.x.detach().clamp(0, 1).cpu(),
+                    "x_decoded": r.x_decoded.detach().clamp(0, 1).cpu(),
+                    "z": r.z.detach().cpu(),
+                    "converged": r.converged.cpu().to(torch.uint8),
+                    "iterations": r.iterations.cpu(),
+                }
+                if store is not None:
+                    store.save(key, part, meta)
+            run.seconds[m] += float(meta["seconds"])
+            parts.append(part)
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        run.x[m] = cat["x"]
+        run.scores[m] = mb.score(cat["x"], x_true, with_lpips=with_lpips)
+        run.x_decoded[m] = cat["x_decoded"]
         run.decoded_psnr[m] = psnr(run.x_decoded[m], x_true)
-        run.z_distance[m] = (r.z.detach() - z_true).norm(dim=1).cpu()
-        run.converged[m] = r.converged.cpu()
-        run.iterations[m] = r.iterations.cpu()
+        run.z_distance[m] = (cat["z"].to(z_true) - z_true).norm(dim=1).cpu()
+        run.converged[m] = cat["converged"].bool()
+        run.iterations[m] = cat["iterations"]
     run.recon = reconstruct(vae, x_true).clamp(0, 1)
     run.recon_psnr = psnr(run.recon, x_true)
     run.recon_ssim = ssim(run.recon, x_true)

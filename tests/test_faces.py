@@ -66,6 +66,26 @@ def test_restore_faces_is_reproducible(run, vae, x):
     assert set(other.x) == {"csgm"}
 
 
+def test_chunks_and_the_cache_give_the_same_faces(run, vae, x, tmp_path):
+    """Restoring 2 faces per call equals one call for all (each face keeps its state); a second run loads every chunk
+    from the cache with the seconds it took, and a lost chunk is recomputed alone."""
+    kw = dict(dataset="toy", source="random", budget=BUDGET, seed=3, chunk=2, cache=tmp_path)
+    first = faces.restore_faces(x, vae, **kw)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3 * len(faces.METHODS)  # chunks of 2, 2 and 1 faces
+    for m in faces.METHODS:
+        torch.testing.assert_close(first.x[m], run.x[m], rtol=0, atol=1e-5)
+        torch.testing.assert_close(first.z_distance[m], run.z_distance[m], rtol=0, atol=1e-4)
+        assert torch.equal(first.iterations[m], run.iterations[m]) and first.cached_chunks[m] == 0
+    sorted(tmp_path.glob("*.safetensors"))[0].unlink()
+    again = faces.restore_faces(x, vae, **kw)
+    assert sum(again.cached_chunks.values()) == 3 * len(faces.METHODS) - 1
+    for m in faces.METHODS:
+        assert torch.equal(again.x[m], first.x[m]) and torch.equal(again.converged[m], first.converged[m])
+        assert torch.equal(again.decoded_psnr[m], first.decoded_psnr[m])
+    with pytest.raises(ValueError, match="chunk"):
+        faces.restore_faces(x, vae, dataset="toy", source="s", budget=BUDGET, chunk=0)
+
+
 def test_bad_input_is_rejected(vae, x):
     with pytest.raises(ValueError, match="x_true must be"):
         faces.restore_faces(x[:, :1], vae, dataset="toy", source="s", budget=BUDGET)
