@@ -140,6 +140,8 @@ def test_merged_batches_give_each_level_its_own_restoration(vae, digits, merge):
     assert not torch.equal(merged.record("inpainting", 0.5, "csgm").x, merged.record("inpainting", 0.8, "csgm").x)
     with pytest.raises(ValueError, match="unknown merge"):
         mb.run_benchmark(digits, vae, levels, budget=TINY, merge="problems")
+    assert mb.resolve_merge("auto", "cpu") == "levels" and mb.resolve_merge("auto", "cuda") == "all"
+    assert mb.resolve_merge("none", "cuda") == "none"
 
 
 def test_cache_resumes_a_run_with_the_calls_it_lacks(vae, digits, tmp_path):
