@@ -15,8 +15,6 @@ with the batched ones (``max_abs_diff_vs_loop``). Peak memory is the process RSS
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_solvers import PeakRSS  # noqa: E402  (the same RSS sampler as the MNIST benchmark)
+from bench_solvers import PeakRSS, add_run_options, machine_info  # noqa: E402  (shared with the MNIST benchmark)
 
 from jpmap_core import mnist_benchmark as mb  # noqa: E402
 from jpmap_core._io import atomic_write_json  # noqa: E402
@@ -42,13 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-images", type=int, default=100)
     p.add_argument("--loop-images", type=int, default=4, help="time the per-image loop on K faces, scale by N/K")
-    p.add_argument("--repeats", type=int, default=1)
+    add_run_options(p, repeats=1)
     p.add_argument("--methods", default="jpmap_alg23", help=f"comma-separated, among {list(METHODS)}")
     p.add_argument("--official-caps", action="store_true", help="n_max 300, 3000 Adam steps, CSGM 5000")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -125,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(
             Path(a.json),
             {
-                "machine": {
-                    "platform": platform.platform(),
-                    "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "device": str(dev),
-                },
+                "machine": machine_info(dev),
                 "prior": PRIOR,
                 "weights_sha256": weights_sha256(PRIOR),
                 "data_source": test.source,

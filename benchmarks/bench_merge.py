@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_solvers import machine_info, step_cost  # noqa: E402
+from bench_solvers import add_run_options, machine_info, step_cost  # noqa: E402
 
 from jpmap_core import mnist_benchmark as mb  # noqa: E402
 from jpmap_core._io import atomic_write_json  # noqa: E402
@@ -42,11 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-images", type=int, default=10)
     p.add_argument("--k-max", type=int, default=350, help="Alg. 2.4 outer iterations at most (official: 350)")
     p.add_argument("--modes", default="inpainting,levels,all", help=f"comma-separated, among {mb.MERGE_MODES}")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here")
+    add_run_options(p, repeats=1)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

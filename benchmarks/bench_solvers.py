@@ -83,6 +83,16 @@ def make_problem(name: str, x: torch.Tensor, seed: int):
     return op, op.degrade(x, sigma, generator=g), sigma
 
 
+def add_run_options(p: argparse.ArgumentParser, repeats: int) -> None:
+    """The options every benchmark here takes: ``--repeats`` (median of that many runs), ``--threads`` (torch
+    threads), ``--device``, ``--seed`` (of the degradations) and ``--json`` (where to write the results)."""
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+
+
 def machine_info(dev: torch.device) -> dict:
     """Where a benchmark ran: platform, cores, torch and its threads, the device (GPU name), Python."""
     return {
@@ -143,17 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-images", type=int, default=100)
     p.add_argument("--loop-images", type=int, default=5, help="time the per-image loop on K images, scale by N/K")
-    p.add_argument("--repeats", type=int, default=3)
+    add_run_options(p, repeats=3)
     p.add_argument("--repeats-alg24", type=int, default=None, help="repeats for Alg. 2.4 (default: --repeats)")
     p.add_argument("--k-max", type=int, default=350, help="Alg. 2.4 outer iterations (paper/official code: 350)")
     p.add_argument("--problems", default=",".join(PROBLEMS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--prior", default="mnist_mlp_dvae15")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
+    bad = [q for q in a.problems.split(",") if q not in PROBLEMS]
+    bad += [m for m in a.methods.split(",") if m not in METHODS]
+    if bad or a.n_images < 1 or a.loop_images < 1 or a.repeats < 1 or a.k_max < 0:
+        p.error(
+            f"problems must be among {list(PROBLEMS)} and methods among {list(METHODS)} (got {bad}); "
+            "need n-images >= 1, loop-images >= 1, repeats >= 1, k-max >= 0"
+        )
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)

@@ -44,9 +44,10 @@ def table(path: str) -> str:
 def faces_table(path: str) -> str:
     d = json.load(open(path))
     m, b = d["machine"], d["budget"]
+    threads = m.get("torch_threads", m.get("threads"))  # results_faces_cpu.json predates machine_info's key
     lines = [
         f"Machine: {m['processor'] or m['platform']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
-        f"({m['threads']} threads). Prior `{d['prior']}` (sha256 `{d['weights_sha256'][:12]}...`), data: "
+        f"({threads} threads). Prior `{d['prior']}` (sha256 `{d['weights_sha256'][:12]}...`), data: "
         f"{d['data_source']}. Caps: n1 = {b['n1']}, n2 = {b['n2']}, n_max = {b['n_max']}, at most "
         f"{b['adam_max_iters']} Adam steps per z-step, CSGM at most {b['csgm_max_iters']} steps.",
         "",

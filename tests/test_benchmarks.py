@@ -1,0 +1,63 @@
+"""The benchmark scripts: RESULTS.md shows what their JSON files hold, and bad options are refused up front."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_faces  # noqa: E402
+import bench_merge  # noqa: E402
+import bench_solvers  # noqa: E402
+import make_results  # noqa: E402
+
+
+def _table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    if d.get("benchmark") == "merge":
+        return make_results.merge_table(str(path))
+    return make_results.faces_table(str(path)) if "prior" in d and "budget" in d else make_results.table(str(path))
+
+
+@pytest.mark.parametrize("name", ["results_cpu.json", "results_faces_cpu.json", "results_merge_cpu.json"])
+def test_results_md_shows_what_the_json_says(name):
+    """Every number in RESULTS.md's tables comes from a committed results file (make_results.py), none by hand."""
+    table = _table(BENCH / name).strip()
+    assert table.count("\n") >= 3, "a table has a header and rows"
+    assert table in (BENCH / "RESULTS.md").read_text(), f"RESULTS.md does not hold make_results.py's table of {name}"
+
+
+@pytest.mark.parametrize(
+    "main, argv",
+    [
+        (bench_solvers.main, ["--problems", "deblurring"]),
+        (bench_solvers.main, ["--methods", "vble"]),
+        (bench_solvers.main, ["--n-images", "0"]),
+        (bench_merge.main, ["--modes", "problems"]),
+        (bench_merge.main, ["--k-max", "-1"]),
+        (bench_faces.main, ["--methods", "nope"]),
+        (bench_faces.main, ["--n-images", "4", "--loop-images", "5"]),
+        (bench_faces.main, ["--repeats", "0"]),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "must be among" in capsys.readouterr().err
+
+
+def test_run_options_are_shared():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bench_solvers.add_run_options(p, repeats=4)
+    a = p.parse_args(["--threads", "1", "--device", "cpu", "--seed", "3", "--json", "out.json"])
+    assert (a.repeats, a.threads, a.device, a.seed, a.json) == (4, 1, "cpu", 3, "out.json")
+    info = bench_solvers.machine_info(bench_solvers.torch.device("cpu"))
+    assert {"platform", "processor", "cpu_count", "torch_threads", "torch", "device", "python"} <= set(info)
