@@ -50,3 +50,30 @@ def test_call_cache_round_trip_and_damaged_entries(tmp_path):
     cache.path(key).write_bytes(b"\0" * 10)
     assert cache.load(key) is None
     assert code_fingerprint() == code_fingerprint() and len(code_fingerprint()) == 64
+
+
+def test_describe_lists_the_finished_calls_and_the_damaged_ones(tmp_path, capsys):
+    from jpmap_core.cache import describe, main
+
+    cache = CallCache(tmp_path, torch.nn.Linear(3, 2))
+    k1, k2, k3 = (cache.key("call", i) for i in range(3))
+    cache.save(k1, {"x": torch.zeros(5, 1, 4, 4)}, {"seconds": 2.0, "method": "csgm"})
+    cache.save(k2, {"x": torch.zeros(3, 1, 4, 4)}, {"seconds": 4.25, "method": ["jpmap_alpha1", "jpmap_alpha5"]})
+    cache.save(k3, {"x": torch.zeros(2, 1, 4, 4)}, {"seconds": 1.0, "method": "csgm"})
+    cache.path(k3).write_bytes(b"\0" * 10)
+    rows = {e["key"]: e for e in describe(tmp_path)}
+    assert set(rows) == {k1, k2, k3}
+    assert rows[k1]["rows"] == 5 and rows[k1]["seconds"] == 2.0 and rows[k1]["method"] == "csgm"
+    assert rows[k2]["method"] == ["jpmap_alpha1", "jpmap_alpha5"] and rows[k2]["rows"] == 3
+    assert rows[k3].get("unreadable") is True and "seconds" not in rows[k3]
+    assert describe(tmp_path / "absent") == []
+
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 entries, 1 unreadable" in out
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
+    assert lines["csgm"] == ["1", "5", "2"] and lines["jpmap_alpha1+jpmap_alpha5"] == ["1", "3", "4"]
+    assert lines["all"] == ["2", "8", "6"]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "absent")])
+    assert "is not a folder" in capsys.readouterr().err
