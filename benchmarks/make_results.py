@@ -90,10 +90,13 @@ def merge_table(path: str) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json"
+def render(path: str) -> str:
+    """The table of any of the three benchmarks' JSON files, chosen by what the file holds."""
     d = json.load(open(path))
     if d.get("benchmark") == "merge":
-        print(merge_table(path))
-    else:
-        print(faces_table(path) if "prior" in d and "budget" in d else table(path))
+        return merge_table(path)
+    return faces_table(path) if "prior" in d and "budget" in d else table(path)
+
+
+if __name__ == "__main__":
+    print(render(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json"))

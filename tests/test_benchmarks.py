@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,17 +16,10 @@ import bench_solvers  # noqa: E402
 import make_results  # noqa: E402
 
 
-def _table(path: Path) -> str:
-    d = json.loads(path.read_text())
-    if d.get("benchmark") == "merge":
-        return make_results.merge_table(str(path))
-    return make_results.faces_table(str(path)) if "prior" in d and "budget" in d else make_results.table(str(path))
-
-
 @pytest.mark.parametrize("name", ["results_cpu.json", "results_faces_cpu.json", "results_merge_cpu.json"])
 def test_results_md_shows_what_the_json_says(name):
     """Every number in RESULTS.md's tables comes from a committed results file (make_results.py), none by hand."""
-    table = _table(BENCH / name).strip()
+    table = make_results.render(str(BENCH / name)).strip()
     assert table.count("\n") >= 3, "a table has a header and rows"
     assert table in (BENCH / "RESULTS.md").read_text(), f"RESULTS.md does not hold make_results.py's table of {name}"
 
