@@ -6,8 +6,8 @@ import matplotlib
 import pytest
 import torch
 
-from jpmap_core import faces
-from jpmap_core import mnist_benchmark as mb
+from jpmap_core.experiments import faces
+from jpmap_core.experiments import mnist_benchmark as mb
 from jpmap_core.metrics import psnr
 from jpmap_core.models import ConvVAE
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from jpmap_core.landscape import (
+from jpmap_core.experiments.landscape import (
     exact_vs_encoder_optimum,
     global_optimum,
     iterations_to_converge,

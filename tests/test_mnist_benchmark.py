@@ -9,7 +9,7 @@ import matplotlib
 import pytest
 import torch
 
-from jpmap_core import mnist_benchmark as mb
+from jpmap_core.experiments import mnist_benchmark as mb
 from jpmap_core.metrics import psnr
 from jpmap_core.operators import CompressedSensing, Inpainting
 from jpmap_core.pretrained import load_pretrained

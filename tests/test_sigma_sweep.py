@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from jpmap_core import sigma_sweep
+from jpmap_core.experiments import sigma_sweep
 from jpmap_core.models import build_model
-from jpmap_core.sigma_sweep import (
+from jpmap_core.experiments.sigma_sweep import (
     PROBLEMS,
     SweepResult,
     budget,

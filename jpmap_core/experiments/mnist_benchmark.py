@@ -43,11 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._io import atomic_write_text
-from .cache import CallCache
-from .metrics import lpips, lpips_status, psnr, ssim
-from .operators import BatchBlocks, CompressedSensing, Denoising, Inpainting, LinearOperator
-from .solvers import csgm, jpmap
+from .._io import atomic_write_text
+from ..cache import CallCache
+from ..metrics import lpips, lpips_status, psnr, ssim
+from ..operators import BatchBlocks, CompressedSensing, Denoising, Inpainting, LinearOperator
+from ..solvers import csgm, jpmap
 
 __all__ = [
     "ALPHAS",
@@ -808,7 +808,7 @@ def plot_sweeps(
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import setup_style
+    from ..plotting import setup_style
 
     setup_style()
     problems = [p for p in (problems or PROBLEMS) if any(r["problem"] == p for r in rows)]
@@ -875,7 +875,7 @@ def qualitative_grid(
     """Fig. 7: columns = the first ``n_show`` test images; rows = ``x*``, the observation (not for compressed
     sensing), CSGM, JPMAP (beta = 1/gamma^2), JPMAP alpha = 10, 5, 1 (the methods that ran), PSNR (dB) above each.
     ``title``: a heading above the grid."""
-    from .plotting import image_grid
+    from ..plotting import image_grid
 
     k = min(int(n_show), bench.n_images)
     rows, labels = [bench.x_true[:k]], [r"$x^*$"]

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .metrics import psnr, summarize
-from .models import GaussianVAE
-from .operators import CompressedSensing, Denoising, Inpainting, LinearOperator
-from .solvers import Restoration, csgm, jpmap
+from ..metrics import psnr, summarize
+from ..models import GaussianVAE
+from ..operators import CompressedSensing, Denoising, Inpainting, LinearOperator
+from ..solvers import Restoration, csgm, jpmap
 
 PROBLEMS = ("denoising", "compressed_sensing", "inpainting")
 METHODS = ("csgm", "jpmap")

@@ -27,11 +27,11 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import check_positive
-from .energy import J1_z, as_beta
-from .models import GaussianVAE
-from .models.vae import LOG_2PI
-from .solvers._common import adam_minimize
+from .._checks import check_positive
+from ..energy import J1_z, as_beta
+from ..models import GaussianVAE
+from ..models.vae import LOG_2PI
+from ..solvers._common import adam_minimize
 
 
 def _check_x(vae: GaussianVAE, x: Tensor) -> Tensor:

@@ -5,10 +5,10 @@ Fig. 8 (a): inpainting with 80% of the pixels missing and noise std ``sigma = 10
 degraded images and the same iteration caps. Fig. 8 (b): reconstructions ``mu_theta(mu_phi(x))`` of test images, the
 over-regularisation the paper discusses ("the learned manifold perhaps only contains low-frequency approximations").
 
-The degradation, the solver calls and the scores are those of the MNIST benchmark (:mod:`jpmap_core.mnist_benchmark`:
-:func:`~jpmap_core.mnist_benchmark.degrade` draws one random mask per image from a generator seeded by the seed and
-the level only, :func:`~jpmap_core.mnist_benchmark.solve` runs a method under a
-:class:`~jpmap_core.mnist_benchmark.Budget`, restorations are clamped to [0, 1] before every metric). One solver call
+The degradation, the solver calls and the scores are those of the MNIST benchmark (:mod:`jpmap_core.experiments.mnist_benchmark`:
+:func:`~jpmap_core.experiments.mnist_benchmark.degrade` draws one random mask per image from a generator seeded by the seed and
+the level only, :func:`~jpmap_core.experiments.mnist_benchmark.solve` runs a method under a
+:class:`~jpmap_core.experiments.mnist_benchmark.Budget`, restorations are clamped to [0, 1] before every metric). One solver call
 restores a whole test set at once (batched, each image with its own state).
 
 The paper's observation to check (§3.4): on CelebA "the restorations ... are very similar to each other, but blurry",
@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from . import mnist_benchmark as mb
-from .cache import CallCache
-from .metrics import psnr, ssim
-from .operators import Inpainting
+from ..cache import CallCache
+from ..metrics import psnr, ssim
+from ..operators import Inpainting
 
 __all__ = [
     "FaceRun",
@@ -271,7 +271,7 @@ def restoration_grid(run: FaceRun, columns: Sequence[int], *, title: str | None 
 
     ``decoded``: add a row with JPMAP's decoded image ``mu_theta(z_hat)`` (what CSGM returns for its own z_hat).
     """
-    from .plotting import image_grid
+    from ..plotting import image_grid
 
     idx = torch.as_tensor(list(columns), dtype=torch.long)
     shown = [(run.x[m], run.scores[m]["psnr"], LABELS.get(m, m)) for m in run.x]
@@ -299,7 +299,7 @@ def restoration_grid(run: FaceRun, columns: Sequence[int], *, title: str | None 
 
 def reconstruction_grid(run: FaceRun, columns: Sequence[int], *, title: str | None = None):
     """Fig. 8 (b): test images x (top) and their reconstructions mu_theta(mu_phi(x)) (bottom), with their PSNR."""
-    from .plotting import image_grid
+    from ..plotting import image_grid
 
     idx = torch.as_tensor(list(columns), dtype=torch.long)
     fig = image_grid([run.x_true[idx], run.recon[idx]], [r"$x$", r"$\mu_\theta(\mu_\phi(x))$"], scale=1.15)
@@ -316,7 +316,7 @@ def plot_psnr_pairs(runs: Mapping[str, FaceRun], method: str = "jpmap_fixed_beta
     """Per-image PSNR of ``method`` against ``baseline`` (one panel per test set), the diagonal = equal quality."""
     import matplotlib.pyplot as plt
 
-    from .plotting import setup_style
+    from ..plotting import setup_style
 
     setup_style()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.0), squeeze=False)
@@ -348,7 +348,7 @@ def image_panel(runs: Mapping[str, FaceRun], dataset: str, index: int):
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import setup_style
+    from ..plotting import setup_style
 
     if dataset not in runs:
         raise ValueError(f"unknown test set {dataset!r}; this run has {sorted(runs)}")

@@ -1,0 +1,9 @@
+"""Code behind one notebook family each: what a figure needs beyond the library (problem grids, tables, claims,
+figure layouts). Notebooks import from here; the core (``jpmap_core.*`` outside this package) never does.
+
+* :mod:`~jpmap_core.experiments.landscape` -- JPMAP Figs. 3-4 (notebooks 02, 03): posterior slices, multistart descents
+* :mod:`~jpmap_core.experiments.continuation` -- JPMAP Fig. 5 and the Alg. 2.2 diagnostic (notebook 04)
+* :mod:`~jpmap_core.experiments.sigma_sweep` -- JPMAP Figs. 1-2 (notebook 05): the sigma_DVAE sweep
+* :mod:`~jpmap_core.experiments.mnist_benchmark` -- JPMAP Figs. 6-7 (notebook 06): 3 problems x 5 levels x 5 methods
+* :mod:`~jpmap_core.experiments.faces` -- JPMAP Fig. 8 (notebook 07): CelebA and FFHQ faces
+"""
