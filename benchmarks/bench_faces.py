@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_solvers import PeakRSS, add_run_options, machine_info  # noqa: E402  (shared with the MNIST benchmark)
 
-from jpmap_core.experiments import mnist_benchmark as mb  # noqa: E402
 from jpmap_core._io import atomic_write_json  # noqa: E402
 from jpmap_core.data import load_celeba64  # noqa: E402
+from jpmap_core.experiments import mnist_benchmark as mb  # noqa: E402
 from jpmap_core.metrics import psnr as psnr_of  # noqa: E402
 from jpmap_core.operators import Inpainting  # noqa: E402
 from jpmap_core.pretrained import load_pretrained, weights_sha256  # noqa: E402

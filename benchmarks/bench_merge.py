@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_solvers import add_run_options, machine_info, step_cost  # noqa: E402
 
-from jpmap_core.experiments import mnist_benchmark as mb  # noqa: E402
 from jpmap_core._io import atomic_write_json  # noqa: E402
 from jpmap_core.data import load_mnist  # noqa: E402
+from jpmap_core.experiments import mnist_benchmark as mb  # noqa: E402
 from jpmap_core.pretrained import load_pretrained, weights_sha256  # noqa: E402
 
 PRIOR = "mnist_mlp_dvae15"

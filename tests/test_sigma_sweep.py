@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from jpmap_core.experiments import sigma_sweep
-from jpmap_core.models import build_model
 from jpmap_core.experiments.sigma_sweep import (
     PROBLEMS,
     SweepResult,
@@ -24,6 +23,7 @@ from jpmap_core.experiments.sigma_sweep import (
     sweep_prior,
     table_rows,
 )
+from jpmap_core.models import build_model
 from jpmap_core.solvers import Restoration
 
 TABLE_KEYS = {"figure", "problem", "sigma_dvae", "method", "n_images", "psnr_mean", "psnr_q25", "psnr_q75"}

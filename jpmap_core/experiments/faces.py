@@ -5,11 +5,12 @@ Fig. 8 (a): inpainting with 80% of the pixels missing and noise std ``sigma = 10
 degraded images and the same iteration caps. Fig. 8 (b): reconstructions ``mu_theta(mu_phi(x))`` of test images, the
 over-regularisation the paper discusses ("the learned manifold perhaps only contains low-frequency approximations").
 
-The degradation, the solver calls and the scores are those of the MNIST benchmark (:mod:`jpmap_core.experiments.mnist_benchmark`:
-:func:`~jpmap_core.experiments.mnist_benchmark.degrade` draws one random mask per image from a generator seeded by the seed and
-the level only, :func:`~jpmap_core.experiments.mnist_benchmark.solve` runs a method under a
-:class:`~jpmap_core.experiments.mnist_benchmark.Budget`, restorations are clamped to [0, 1] before every metric). One solver call
-restores a whole test set at once (batched, each image with its own state).
+The degradation, the solver calls and the scores are those of the MNIST benchmark
+(:mod:`jpmap_core.experiments.mnist_benchmark`: :func:`~jpmap_core.experiments.mnist_benchmark.degrade` draws one
+random mask per image from a generator seeded by the seed and the level only,
+:func:`~jpmap_core.experiments.mnist_benchmark.solve` runs a method under a
+:class:`~jpmap_core.experiments.mnist_benchmark.Budget`, restorations are clamped to [0, 1] before every metric). One
+solver call restores a whole test set at once (batched, each image with its own state).
 
 The paper's observation to check (§3.4): on CelebA "the restorations ... are very similar to each other, but blurry",
 "both algorithms impressively find a solution z* very close to the code mu_phi(x) of the ground truth image x, except
@@ -29,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import mnist_benchmark as mb
 from ..cache import CallCache
 from ..metrics import psnr, ssim
 from ..operators import Inpainting
+from . import mnist_benchmark as mb
 
 __all__ = [
     "FaceRun",
