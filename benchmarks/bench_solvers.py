@@ -33,9 +33,9 @@ import torch
 from jpmap_core._io import atomic_write_json
 from jpmap_core.data import load_mnist
 from jpmap_core.metrics import psnr
-from jpmap_core.operators import CompressedSensing, Denoising, Inpainting
+from jpmap_core.operators import make_problem as build_problem
 from jpmap_core.pretrained import load_pretrained, weights_sha256
-from jpmap_core.solvers import csgm, jpmap
+from jpmap_core.solvers import solve as run_solver
 
 PROBLEMS = ("denoising", "inpainting", "compressed_sensing")
 METHODS = ("csgm", "jpmap_alg23", "jpmap_alg24")
@@ -69,18 +69,17 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+#: each benchmark problem: (level, sigma) of :func:`jpmap_core.operators.make_problem`
+PROBLEM_SETTINGS = {"denoising": (None, 110.0), "inpainting": (0.8, 10.0), "compressed_sensing": (140, 10.0)}
+
+
 def make_problem(name: str, x: torch.Tensor, seed: int):
     """(operator, y, sigma) for images x; the operator is per image (inpainting masks), built from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "denoising":
-        op, sigma = Denoising(), 110.0
-    elif name == "inpainting":
-        op, sigma = Inpainting(image_shape=(1, 28, 28), missing=0.8, batch_size=x.shape[0], generator=g), 10.0
-    elif name == "compressed_sensing":
-        op, sigma = CompressedSensing(140, (1, 28, 28), generator=g), 10.0
-    else:
-        raise ValueError(name)
-    return op, op.degrade(x, sigma, generator=g), sigma
+    if name not in PROBLEM_SETTINGS:
+        raise ValueError(f"unknown problem {name!r}; expected one of {PROBLEMS}")
+    level, sigma = PROBLEM_SETTINGS[name]
+    p = build_problem(name, x, sigma=sigma, level=level, seed=seed)
+    return p.op, p.y, sigma
 
 
 def add_run_options(p: argparse.ArgumentParser, repeats: int) -> None:
@@ -118,7 +117,7 @@ def step_cost(vae, b: int, repeats: int = 200, device: str | torch.device = "cpu
     beta = torch.full((b,), float(vae.beta), device=dev)
 
     def loss(zr, idx):
-        return 0.5 * coupling(x[idx], vae._decode(zr)) + 0.5 * zr.pow(2).sum(1) / beta[idx]
+        return 0.5 * coupling(x[idx], vae.decode(zr, check=False)) + vae.neg_log_prior(zr) / beta[idx]
 
     pool = AdamPool(loss, torch.zeros(b, vae.latent_dim, device=dev), tol=0.0, max_iters=10**9)
     pool.start(torch.arange(b, device=dev), torch.randn(b, vae.latent_dim, generator=g).to(dev))
@@ -139,14 +138,19 @@ def step_costs(vae, n: int, repeats: int = 200, device: str | torch.device = "cp
     return step_cost(vae, 1, repeats, device), step_cost(vae, n, repeats, device)
 
 
+#: each benchmarked method: a registry name (jpmap_core.solvers.SOLVERS) and its options (the paper's settings)
+METHOD_CALLS = {
+    "csgm": ("csgm", {}),
+    "jpmap_alg23": ("jpmap", {"n1": 25, "n2": 150, "n_max": 300}),
+    "jpmap_alg24": ("jpmap", {"alpha": 1.0, "n1": 25, "n2": 150, "n_max": 300}),
+}
+
+
 def solve(method: str, y, op, vae, sigma, k_max: int = 350):
-    if method == "csgm":
-        return csgm(y, op, vae, sigma=sigma)
-    if method == "jpmap_alg23":
-        return jpmap(y, op, vae, sigma=sigma, n1=25, n2=150, n_max=300)
+    name, options = METHOD_CALLS[method]
     if method == "jpmap_alg24":
-        return jpmap(y, op, vae, sigma=sigma, alpha=1.0, n1=25, n2=150, n_max=300, k_max=k_max)
-    raise ValueError(method)
+        options = dict(options, k_max=k_max)
+    return run_solver(name, y, op, vae, sigma=sigma, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,14 +109,14 @@ def J1(
     b = as_beta(beta, vae, x.shape[0], x)
     if mu_x is None:
         mu_x = vae.decode(z)
-    return data_fidelity(x, y, op, sigma) + 0.5 * b * coupling(x, mu_x) + 0.5 * z.pow(2).sum(1)
+    return data_fidelity(x, y, op, sigma) + 0.5 * b * coupling(x, mu_x) + vae.neg_log_prior(z)
 
 
 def J1_z(x: Tensor, z: Tensor, vae: GaussianVAE, beta: Tensor, mu_x: Tensor | None = None) -> Tensor:
     """The z-dependent part of ``J1``: ``beta/2 ||x - mu_theta(z)||^2 + 1/2 ||z||^2`` per image."""
     if mu_x is None:
         mu_x = vae.decode(z)
-    return 0.5 * beta * coupling(x, mu_x) + 0.5 * z.pow(2).sum(1)
+    return 0.5 * beta * coupling(x, mu_x) + vae.neg_log_prior(z)
 
 
 def J2(x: Tensor, z: Tensor, y: Tensor, op, vae: GaussianVAE, sigma: Sigma) -> Tensor:

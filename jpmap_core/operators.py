@@ -26,6 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,9 +44,14 @@ __all__ = [
     "DeepinvOperator",
     "Denoising",
     "Inpainting",
+    "LEVEL_MEANING",
     "LinearOperator",
+    "PROBLEMS",
+    "Problem",
     "SuperResolution",
     "as_operator",
+    "check_level",
+    "make_problem",
 ]
 
 
@@ -796,3 +802,99 @@ def as_operator(physics: Any, image_shape: tuple[int, int, int] | None = None) -
             f"got {type(physics).__name__}"
         )
     return DeepinvOperator(physics, image_shape)
+
+
+# ---- one problem builder: problem name + level + sigma + seed -> operator and y ----------------------------------
+#: the degradations every notebook, benchmark and widget builds through :func:`make_problem`
+PROBLEMS = ("denoising", "inpainting", "compressed_sensing", "blur", "super_resolution")
+#: what ``level`` means for each problem
+LEVEL_MEANING = {
+    "denoising": "none (the noise std sigma is the level)",
+    "inpainting": "fraction of missing pixels, in [0, 1)",
+    "compressed_sensing": "number of measurements m >= 1",
+    "blur": "none (the kernel is the level)",
+    "super_resolution": "decimation factor s >= 1",
+}
+
+
+@dataclass
+class Problem:
+    """A degraded batch ``y = A x + n``: the operator ``op``, the measurements ``y``, the noise std ``sigma`` (0-255
+    scale), the problem's ``name`` and ``level`` (see :data:`LEVEL_MEANING`)."""
+
+    name: str
+    level: float | int | None
+    sigma: float
+    op: LinearOperator
+    y: Tensor
+
+    @property
+    def observation(self) -> Tensor | None:
+        """What a figure shows as the corrupted image: ``A^T y`` when measurements are images of the image's size
+        (denoising: ``y``; inpainting: missing pixels black; blur: ``y``), ``None`` otherwise (compressed sensing,
+        super-resolution)."""
+        if self.name in ("compressed_sensing", "super_resolution"):
+            return None
+        return self.op.A_adjoint(self.y)
+
+
+def check_level(name: str, level: object) -> float | int | None:
+    """``level`` checked for problem ``name``: an int for measurement counts and factors, a float for fractions."""
+    check_choice(name, "problem", PROBLEMS)
+    if name in ("denoising", "blur"):
+        if level is not None:
+            raise ValueError(f"{name} takes no level (its level is {LEVEL_MEANING[name]}), got level={level!r}")
+        return None
+    try:
+        v = float(level)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} needs a level: {LEVEL_MEANING[name]}; got {level!r}") from None
+    if name == "inpainting":
+        if not 0 <= v < 1:
+            raise ValueError(f"the inpainting level is the {LEVEL_MEANING[name]}, got {level!r}")
+        return v
+    if not (math.isfinite(v) and v == int(v) and v >= 1):
+        raise ValueError(f"the {name} level is the {LEVEL_MEANING[name]}, got {level!r}")
+    return int(v)
+
+
+def make_problem(
+    name: str,
+    x: Tensor,
+    *,
+    sigma: float,
+    level: float | int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    kernel: Tensor | None = None,
+) -> Problem:
+    """Degrade the clean images ``x`` ``(B, C, H, W)``: build the operator of problem ``name`` and draw ``y``.
+
+    ``sigma``: noise std >= 0 on the 0-255 scale; ``level``: see :data:`LEVEL_MEANING` (inpainting: missing fraction,
+    one random mask per image as the official code; compressed sensing: ``m``, ``A`` with i.i.d. ``N(0, 1/m)``
+    entries; super-resolution: the factor); ``kernel``: the 2D kernel of ``blur`` and ``super_resolution``.
+    The random draws come from ``generator``, or from a new one seeded with ``seed`` (exactly one of them), in
+    this order: the operator (mask or matrix), then the noise. A caller that passes one generator to several calls
+    gets the draws one after the other, so a whole set of problems follows from one seed.
+    """
+    level = check_level(name, level)
+    if (seed is None) == (generator is None):
+        raise ValueError("pass exactly one of seed (an int) or generator (a torch.Generator) for the random draws")
+    g = torch.Generator().manual_seed(int(seed)) if generator is None else generator
+    check_images(x, "x")
+    shape = tuple(int(s) for s in x.shape[1:])
+    if name in ("blur", "super_resolution") and kernel is None:
+        raise ValueError(f"{name} needs a 2D kernel (e.g. jpmap_core.data.load_kernels())")
+    if name not in ("blur", "super_resolution") and kernel is not None:
+        raise ValueError(f"{name} takes no kernel")
+    if name == "denoising":
+        op: LinearOperator = Denoising(shape)
+    elif name == "inpainting":
+        op = Inpainting(image_shape=shape, missing=float(level), batch_size=x.shape[0], generator=g)
+    elif name == "compressed_sensing":
+        op = CompressedSensing(int(level), shape, generator=g)
+    elif name == "blur":
+        op = BlurFFT(kernel, shape)
+    else:
+        op = SuperResolution(kernel, int(level), shape)
+    return Problem(name, level, float(check_nonnegative(sigma, "sigma")), op, op.degrade(x, sigma, generator=g))

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .metrics import psnr
 from .models import GaussianVAE
-from .operators import CompressedSensing, Denoising, Inpainting, LinearOperator
-from .solvers import Restoration, csgm, jpmap
+from .operators import make_problem
+from .solvers import Restoration, solve
 
 __all__ = [
     "ALGORITHMS",
@@ -37,11 +37,13 @@ __all__ = [
     "ExplorerWidget",
     "build_explorer",
     "explore",
-    "make_problem",
     "render",
+    "solver_call",
 ]
 
-PROBLEMS = ("denoising", "inpainting", "compressed sensing")
+#: the explorer's problems: names of :data:`jpmap_core.operators.PROBLEMS`, with the label the page shows
+PROBLEMS = ("denoising", "inpainting", "compressed_sensing")
+PROBLEM_LABELS = {"denoising": "denoising", "inpainting": "inpainting", "compressed_sensing": "compressed sensing"}
 #: algorithm key -> label shown in the explorer and on figures
 ALGORITHMS = {
     "csgm": "CSGM (eq. 1.3)",
@@ -52,7 +54,7 @@ ALGORITHMS = {
 LEVEL_MEANING = {
     "denoising": "unused",
     "inpainting": "fraction of missing pixels, in [0, 1)",
-    "compressed sensing": "number of measurements m",
+    "compressed_sensing": "number of measurements m",
 }
 
 
@@ -91,7 +93,7 @@ class ExplorerResult:
         what = ALGORITHMS[s["algorithm"]]
         unit = "Adam steps" if s["algorithm"] == "csgm" else "iterations"
         return (
-            f"{what} on {s['problem']} (sigma={s['sigma']:g}{_level_text(s)}), image #{s['index']}: "
+            f"{what} on {PROBLEM_LABELS[s['problem']]} (sigma={s['sigma']:g}{_level_text(s)}), image #{s['index']}: "
             f"PSNR {self.psnr_estimate:.2f} dB, {self.iterations} {unit}, "
             f"{'converged' if self.converged else 'stopped at the iteration cap'}, {self.seconds:.1f} s"
         )
@@ -100,7 +102,7 @@ class ExplorerResult:
 def _level_text(s: dict[str, Any]) -> str:
     if s["problem"] == "inpainting":
         return f", {100 * s['level']:.0f}% missing"
-    if s["problem"] == "compressed sensing":
+    if s["problem"] == "compressed_sensing":
         return f", m={s['level']}"
     return ""
 
@@ -166,7 +168,7 @@ def _check_settings(
                 f"for inpainting, level is the fraction of missing pixels and must be in [0, 1), got {level:g}"
                 + (" (a percentage? 80% missing is level=0.8)" if 1 <= level <= 100 else "")
             )
-    elif problem == "compressed sensing":
+    elif problem == "compressed_sensing":
         hint = f" (the paper's Fig. 7c uses m = 140 of d = {d})" if isinstance(level, float) and level < 1 else ""
         level = _int(level, "for compressed sensing, level (the number of measurements m)", 1, d, hint)
     else:
@@ -209,25 +211,14 @@ def _check_settings(
 
 
 # ---- callbacks -----------------------------------------------------------------------------------
-def make_problem(
-    problem: str, sigma: float, level: float | int | None, x: Tensor, generator: torch.Generator
-) -> tuple[LinearOperator, Tensor]:
-    """The operator of ``problem`` for the images ``x`` and noisy measurements ``y = A x + sigma/255 n``.
-
-    ``level``: fraction of missing pixels (inpainting), number of measurements ``m`` (compressed sensing,
-    ``A`` with i.i.d. ``N(0, 1/m)`` entries), unused for denoising. The mask / matrix and then the noise are
-    drawn from ``generator``.
-    """
-    shape = tuple(x.shape[1:])
-    if problem == "denoising":
-        op: LinearOperator = Denoising(shape)
-    elif problem == "inpainting":
-        op = Inpainting(image_shape=shape, missing=float(level), batch_size=x.shape[0], generator=generator)
-    elif problem == "compressed sensing":
-        op = CompressedSensing(int(level), shape, generator=generator)
-    else:
-        raise ValueError(f"problem must be one of {', '.join(map(repr, PROBLEMS))}; got {problem!r}")
-    return op, op.degrade(x, sigma, generator=generator)
+def solver_call(s: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registry name (:data:`jpmap_core.solvers.SOLVERS`) and options of the explorer's algorithm ``s``."""
+    if s["algorithm"] == "csgm":
+        return "csgm", {"max_iters": s["adam_max_iters"]}
+    options = {"n1": s["n1"], "n2": s["n2"], "n_max": s["n_max"], "adam_max_iters": s["adam_max_iters"]}
+    if s["algorithm"] == "2.4":
+        options.update(alpha=s["alpha"], k_max=s["k_max"])
+    return "jpmap", options
 
 
 def explore(
@@ -249,7 +240,7 @@ def explore(
 ) -> ExplorerResult:
     """Degrade ``images[index]`` and restore it with one algorithm; the explorer's callback.
 
-    ``problem``: ``"denoising"``, ``"inpainting"`` or ``"compressed sensing"``; ``sigma``: noise std (0-255
+    ``problem``: ``"denoising"``, ``"inpainting"`` or ``"compressed_sensing"``; ``sigma``: noise std (0-255
     scale); ``level``: missing fraction (inpainting) or ``m`` (compressed sensing), ignored for denoising.
     ``algorithm``: ``"csgm"``, ``"2.3"`` (JPMAP with fixed ``beta = 1/gamma^2``) or ``"2.4"`` (JPMAP with the
     exponential multiplier on ``||G(z) - x||^2 <= (alpha/255)^2 d``, at most ``k_max`` outer iterations).
@@ -265,25 +256,23 @@ def explore(
     s["seed"] = int(seed)
     x = images[s["index"] : s["index"] + 1]
     g = torch.Generator().manual_seed(int(seed))
-    op, y = make_problem(s["problem"], s["sigma"], s["level"], x, g)
+    problem = make_problem(s["problem"], x, sigma=s["sigma"], level=s["level"], generator=g)
+    op, y = problem.op, problem.y
     t0 = time.perf_counter()
+    method, options = solver_call(s)
+    r = solve(method, y, op, vae, sigma=s["sigma"], **options)
+    objective = r.history["objective"][:, 0]
     if s["algorithm"] == "csgm":
-        r = csgm(y, op, vae, sigma=s["sigma"], max_iters=s["adam_max_iters"])
-        energy = float(r.history["energy"][-1, 0])
+        energy = float(objective[-1])
         j1 = beta = outer = torch.empty(0)
     else:
-        kw: dict[str, Any] = {"alpha": s["alpha"], "k_max": s["k_max"]} if s["algorithm"] == "2.4" else {}
-        r = jpmap(
-            y, op, vae, sigma=s["sigma"], n1=s["n1"], n2=s["n2"], n_max=s["n_max"],
-            adam_max_iters=s["adam_max_iters"], **kw,
-        )  # fmt: skip
-        j1, beta, outer = (r.history[k][:, 0] for k in ("J1", "beta", "outer"))
+        j1, beta, outer = objective, r.history["beta"][:, 0], r.history["outer"][:, 0]
         keep = ~torch.isnan(j1)
         j1, beta, outer = j1[keep], beta[keep], outer[keep]
         energy = float(j1[-1]) if j1.numel() else math.nan
     seconds = time.perf_counter() - t0
-    y_label = "A^T y" if s["problem"] != "compressed sensing" else "A^dagger y"
-    y_img = op.A_adjoint(y) if s["problem"] != "compressed sensing" else op.A_dagger(y)
+    y_label = "A^T y" if s["problem"] != "compressed_sensing" else "A^dagger y"
+    y_img = op.A_adjoint(y) if s["problem"] != "compressed_sensing" else op.A_dagger(y)
     imgs = {"x*": x, y_label: y_img.detach(), "x_hat": r.x.detach()}
     if s["algorithm"] != "csgm":
         imgs["mu_theta(z_hat)"] = r.x_decoded.detach()
@@ -407,7 +396,12 @@ class ExplorerWidget:
             return {"continuous_update": False, "style": style, "layout": w.Layout(width="420px")}
 
         self.controls: dict[str, w.ValueWidget] = {
-            "problem": w.Dropdown(options=list(PROBLEMS), value=v["problem"], description="problem", style=style),
+            "problem": w.Dropdown(
+                options=[(PROBLEM_LABELS[k], k) for k in PROBLEMS],
+                value=v["problem"],
+                description="problem",
+                style=style,
+            ),
             "sigma": w.FloatSlider(value=v["sigma"], min=1, max=150, step=1, description="sigma (0-255)", **slider()),
             "missing": w.FloatSlider(
                 value=v["missing"], min=0.0, max=0.95, step=0.05, description="missing fraction", **slider()
@@ -450,7 +444,7 @@ class ExplorerWidget:
     def settings(self) -> dict[str, Any]:
         """The current control values as :func:`explore` arguments."""
         c = {k: ctl.value for k, ctl in self.controls.items()}
-        level = {"inpainting": c["missing"], "compressed sensing": c["m"]}.get(c["problem"])
+        level = {"inpainting": c["missing"], "compressed_sensing": c["m"]}.get(c["problem"])
         return {
             "problem": c["problem"],
             "sigma": c["sigma"],
@@ -469,7 +463,7 @@ class ExplorerWidget:
         c = self.controls
         show = {
             "missing": c["problem"].value == "inpainting",
-            "m": c["problem"].value == "compressed sensing",
+            "m": c["problem"].value == "compressed_sensing",
             "n1": c["algorithm"].value != "csgm",
             "n2": c["algorithm"].value != "csgm",
             "n_max": c["algorithm"].value != "csgm",

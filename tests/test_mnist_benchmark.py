@@ -13,6 +13,7 @@ from jpmap_core.experiments import mnist_benchmark as mb
 from jpmap_core.metrics import psnr
 from jpmap_core.operators import CompressedSensing, Inpainting
 from jpmap_core.pretrained import load_pretrained
+from jpmap_core.solvers import SOLVERS
 
 TINY = mb.Budget(n1=2, n2=3, n_max=4, adam_max_iters=8, csgm_max_iters=10, k_max=2)
 
@@ -88,8 +89,8 @@ def test_bad_levels_and_methods_are_refused(vae, digits):
 # ---- methods -------------------------------------------------------------------------------------------------
 def test_each_method_gets_the_paper_settings_and_the_shared_caps(monkeypatch, vae, digits):
     calls = []
-    monkeypatch.setattr(mb, "csgm", lambda *a, **kw: calls.append(("csgm", kw)))
-    monkeypatch.setattr(mb, "jpmap", lambda *a, **kw: calls.append(("jpmap", kw)))
+    monkeypatch.setitem(SOLVERS, "csgm", lambda *a, **kw: calls.append(("csgm", kw)))  # solve() uses the registry
+    monkeypatch.setitem(SOLVERS, "jpmap", lambda *a, **kw: calls.append(("jpmap", kw)))
     d = mb.degrade("inpainting", 0.8, digits, seed=0)
     budget = mb.Budget(n1=4, n2=5, n_max=6, adam_max_iters=7, csgm_max_iters=8, k_max=9, rho_d=100.0)
     for m in mb.METHODS:

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from jpmap_core.experiments import sigma_sweep
 from jpmap_core.experiments.sigma_sweep import (
     PROBLEMS,
     SweepResult,
@@ -24,7 +23,7 @@ from jpmap_core.experiments.sigma_sweep import (
     table_rows,
 )
 from jpmap_core.models import build_model
-from jpmap_core.solvers import Restoration
+from jpmap_core.solvers import SOLVERS, Restoration
 
 TABLE_KEYS = {"figure", "problem", "sigma_dvae", "method", "n_images", "psnr_mean", "psnr_q25", "psnr_q75"}
 
@@ -114,8 +113,8 @@ _TRUE = torch.full((5, 1, 28, 28), 0.95)
 
 def test_sweep_prior_solves_each_batch_once_and_scores_both_methods_alike(vae, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(sigma_sweep, "csgm", _fake_solver(0.1, calls, "csgm"))
-    monkeypatch.setattr(sigma_sweep, "jpmap", _fake_solver(-0.1, calls, "jpmap"))
+    monkeypatch.setitem(SOLVERS, "csgm", _fake_solver(0.1, calls, "csgm"))  # the sweep goes through the registry
+    monkeypatch.setitem(SOLVERS, "jpmap", _fake_solver(-0.1, calls, "jpmap"))
     problems = make_problems(_TRUE, seed=0)
     res = sweep_prior(vae, 5, problems, _TRUE, clip=False)
     assert len(calls) == 12 and all(b == 5 for _, b, _ in calls), "one batched solve per (figure, problem, method)"

@@ -36,7 +36,7 @@ def test_alg23_energy_never_increases_for_any_image(vae, digits):
     """Proposition 2.1(1): J1(x_n, z_n) is non-increasing along Alg. 2.3, image by image."""
     op, y = _inpainting(digits[:6])
     r = jpmap(y, op, vae, sigma=10, n1=3, n2=6, n_max=12, **FAST)
-    J = r.history["J1"]
+    J = r.history["objective"]
     istar = r.history["istar"]
     assert set(istar[istar > 0].unique().tolist()) >= {1, 3}  # the run exercised several candidates
     for b in range(J.shape[1]):
@@ -48,7 +48,7 @@ def test_alg23_energy_never_increases_for_any_image(vae, digits):
 def test_alg23_returned_energy_is_J1_of_the_returned_pair(vae, digits):
     op, y = _inpainting(digits[:3])
     r = jpmap(y, op, vae, sigma=10, n1=3, n2=6, n_max=10, **FAST)
-    last = torch.stack([col[~torch.isnan(col)][-1] for col in r.history["J1"].T])
+    last = torch.stack([col[~torch.isnan(col)][-1] for col in r.history["objective"].T])
     torch.testing.assert_close(last, J1(r.x, r.z, y, op, vae, 10), rtol=1e-4, atol=1e-3)
 
 
@@ -57,7 +57,7 @@ def test_alg24_stops_with_the_constraint_satisfied(vae, digits):
     alpha = 10.0
     r = jpmap(y, op, vae, sigma=10, alpha=alpha, rho=1000 / 784, n1=5, n2=10, n_max=30, **FAST)
     eps = (alpha / 255) ** 2 * 784
-    assert bool(r.converged.all()), f"not converged after {r.info['outer_iterations']} outer iterations"
+    assert bool(r.converged.all()), f"not converged after {r.per_image['outer_iterations']} outer iterations"
     assert bool((coupling(r.x, vae.decode(r.z)) <= eps + 1e-6).all())
     betas = r.history["beta"]
     assert float(torch.nanquantile(betas[-1:], 0.5)) > 0.1 * vae.beta  # beta was increased from beta0
@@ -74,7 +74,7 @@ def test_alg24_snapshots_are_the_outer_iterates(vae, digits):
     op, y = _inpainting(digits[:3].double())
     kw = dict(sigma=10, n1=1, n2=2, n_max=4, **FAST)
     r = jpmap(y, op, vae, alpha=10, rho=1000 / 784, snapshots=range(10_000), **kw)
-    snaps, outer_iters = r.info["snapshots"], r.info["outer_iterations"]
+    snaps, outer_iters = r.info["snapshots"], r.per_image["outer_iterations"]
     last = int(outer_iters.max())
     assert last >= 2 and len(set(outer_iters.tolist())) > 1, "the test needs images that stop at different k"
     assert sorted(snaps) == list(range(last + 1))  # k never reached are left out
@@ -153,8 +153,10 @@ def test_batched_equals_per_image(vae, digits, variant):
             for key in ("istar", "outer", "adam_steps"):
                 assert torch.equal(batch.history[key][:T, b], single.history[key][:, 0]), key
                 assert bool((batch.history[key][T:, b] == -1).all()), key
-            torch.testing.assert_close(batch.history["J1"][:T, b], single.history["J1"][:, 0], rtol=1e-7, atol=1e-5)
-            assert bool(batch.history["J1"][T:, b].isnan().all())
+            torch.testing.assert_close(
+                batch.history["objective"][:T, b], single.history["objective"][:, 0], rtol=1e-7, atol=1e-5
+            )
+            assert bool(batch.history["objective"][T:, b].isnan().all())
     if variant == "alg23":
         assert len(set(iters)) > 1, "the test should include images that stop at different iterations"
 
@@ -173,7 +175,7 @@ def test_alg24_with_one_alpha_per_image_equals_one_call_per_alpha(vae, digits):
     for rows, a in ((slice(0, 2), 3.0), (slice(2, 4), 10.0)):
         one = jpmap(y[rows], Inpainting(masks[rows]), vae64, alpha=a, **kw)
         torch.testing.assert_close(both.x[rows], one.x, rtol=0, atol=1e-10)
-        assert torch.equal(both.info["outer_iterations"][rows], one.info["outer_iterations"])
+        assert torch.equal(both.per_image["outer_iterations"][rows], one.per_image["outer_iterations"])
         assert torch.equal(both.converged[rows], one.converged)
         assert one.info["eps"] == pytest.approx((a / 255) ** 2 * 784)
     assert not torch.allclose(both.x[:2], both.x[2:])  # the two alphas do give different restorations
@@ -287,7 +289,7 @@ def test_operator_without_rows_gives_the_same_result(vae, digits, alpha):
     torch.testing.assert_close(a.x, b.x, rtol=0, atol=1e-10)
     torch.testing.assert_close(a.z, b.z, rtol=0, atol=1e-10)
     assert torch.equal(a.history["istar"], b.history["istar"])
-    torch.testing.assert_close(a.history["J1"], b.history["J1"], rtol=1e-12, atol=1e-8, equal_nan=True)
+    torch.testing.assert_close(a.history["objective"], b.history["objective"], rtol=1e-12, atol=1e-8, equal_nan=True)
 
 
 def test_jpmap_beats_csgm_on_80_percent_missing_pixels(vae, digits):
@@ -325,14 +327,14 @@ def test_mapz_splitting_closes_the_gap_as_beta_grows(vae, digits):
 def test_csgm_restarts_keep_the_lowest_energy(vae, digits):
     op, y = _inpainting(digits[:3])
     r = csgm(y, op, vae, sigma=10, restarts=3, generator=torch.Generator().manual_seed(0), max_iters=300)
-    E = r.history["energy_final"]
+    E = r.history["objective_final"]
     assert E.shape == (3, 3)
-    trace = r.history["energy"]
+    trace = r.history["objective"]
     assert trace.shape[1] == 3
     for b in range(3):  # the kept restart's trace ends at its final (best) energy or above it
         col = trace[:, b][~torch.isnan(trace[:, b])]
-        assert float(col.min()) == pytest.approx(float(E[r.info["best_restart"][b], b]), rel=1e-5)
-    torch.testing.assert_close(E.min(0).values, E[r.info["best_restart"], torch.arange(3)])
+        assert float(col.min()) == pytest.approx(float(E[r.per_image["best_restart"][b], b]), rel=1e-5)
+    torch.testing.assert_close(E.min(0).values, E[r.per_image["best_restart"], torch.arange(3)])
 
 
 def test_csgm_initialised_at_the_ground_truth_code(vae, digits):

@@ -48,7 +48,7 @@ def test_explore_alg23_inpainting_gives_images_psnr_and_a_nonincreasing_J1(vae, 
 
 
 def test_explore_csgm_compressed_sensing_has_no_J1_trace(vae, images):
-    r = explore("compressed sensing", 10, 140, "csgm", 0, 0, 1, None, 0, vae=vae, images=images, **TINY)
+    r = explore("compressed_sensing", 10, 140, "csgm", 0, 0, 1, None, 0, vae=vae, images=images, **TINY)
     assert list(r.images) == ["x*", "A^dagger y", "x_hat"]
     assert r.j1.numel() == 0 and math.isfinite(r.energy)
     assert r.iterations == TINY["adam_max_iters"]  # stopped at the Adam cap
@@ -95,8 +95,8 @@ def test_render_draws_the_images_with_psnr_and_the_J1_panel(vae, images):
         (("blur", 10, 0.8, "2.3", 1, 2, 3, None, 0), "problem must be one of"),
         (("inpainting", 0, 0.8, "2.3", 1, 2, 3, None, 0), "sigma .* must be > 0"),
         (("inpainting", 10, 80, "2.3", 1, 2, 3, None, 0), r"in \[0, 1\), got 80 \(a percentage"),
-        (("compressed sensing", 10, 0.2, "2.3", 1, 2, 3, None, 0), "number of measurements m"),
-        (("compressed sensing", 10, 5000, "2.3", 1, 2, 3, None, 0), r"in \[1, 784\]"),
+        (("compressed_sensing", 10, 0.2, "2.3", 1, 2, 3, None, 0), "number of measurements m"),
+        (("compressed_sensing", 10, 5000, "2.3", 1, 2, 3, None, 0), r"in \[1, 784\]"),
         (("inpainting", 10, 0.8, "2.3", 5, 2, 3, None, 0), "n1 <= n2 <= n_max"),
         (("inpainting", 10, 0.8, "2.4", 1, 2, 3, 0.0, 0), "alpha > 0"),
         (("inpainting", 10, 0.8, "2.2", 1, 2, 3, None, 0), "algorithm must be one of"),
@@ -123,7 +123,7 @@ def test_build_explorer_shows_a_picture_and_turns_errors_into_text(vae, images):
     assert "Invalid setting" in ex.status.value
 
     ex.controls["n1"].value = 0
-    ex.controls["problem"].value = "compressed sensing"
+    ex.controls["problem"].value = "compressed_sensing"
     assert ex.error is None and ex.result.settings["level"] == ex.controls["m"].value
     assert ex.controls["m"].layout.display is None and ex.controls["missing"].layout.display == "none"
 

@@ -46,8 +46,8 @@ from torch import Tensor
 from .._io import atomic_write_text
 from ..cache import CallCache
 from ..metrics import lpips, lpips_status, psnr, ssim
-from ..operators import BatchBlocks, CompressedSensing, Denoising, Inpainting, LinearOperator
-from ..solvers import csgm, jpmap
+from ..operators import BatchBlocks, Denoising, Inpainting, LinearOperator, make_problem
+from ..solvers import solve as run_solver
 
 __all__ = [
     "ALPHAS",
@@ -167,20 +167,14 @@ class Degraded:
 
 
 def degrade(problem: str, level: float, x: Tensor, seed: int) -> Degraded:
-    """Degrade the images ``x`` (CPU, ``(B, 1, 28, 28)``) at ``level``, drawing from ``level_seed(seed, ...)``."""
+    """Degrade the images ``x`` (CPU, ``(B, 1, 28, 28)``) at ``level``, drawing from ``level_seed(seed, ...)``
+    (:func:`jpmap_core.operators.make_problem`: the operator, then the noise)."""
     _check_problem(problem)
     level = _check_level(problem, level)
     g = torch.Generator().manual_seed(level_seed(seed, problem, level))
-    if problem == "denoising":
-        op, sigma = Denoising(), level
-    elif problem == "compressed_sensing":
-        op, sigma = CompressedSensing(int(level), tuple(x.shape[1:]), generator=g), MEASUREMENT_SIGMA
-    else:
-        op = Inpainting(image_shape=tuple(x.shape[1:]), missing=level, batch_size=x.shape[0], generator=g)
-        sigma = MEASUREMENT_SIGMA
-    y = op.degrade(x, sigma, generator=g)
-    observation = {"denoising": y, "compressed_sensing": None, "inpainting": op.A_adjoint(y)}[problem]
-    return Degraded(problem, [level] * x.shape[0], sigma, op, y, observation)
+    sigma = level if problem == "denoising" else MEASUREMENT_SIGMA  # a denoising level is its noise std
+    p = make_problem(problem, x, sigma=sigma, level=None if problem == "denoising" else level, generator=g)
+    return Degraded(problem, [level] * x.shape[0], sigma, p.op, p.y, p.observation)
 
 
 def _sigmas(parts: Sequence[Degraded]) -> float | Tensor:
@@ -272,24 +266,31 @@ class Budget:
                 raise ValueError(f"Budget.{name} must be a finite number > 0, got {v!r}")
 
 
-def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float | Tensor, budget: Budget, *, alpha=None):
-    """Restore a batch with ``method`` (one of :data:`METHODS`) under ``budget``; returns the solver's Restoration.
-
-    ``sigma``: a number or one per image (``(B,)``); CSGM's ``lambda = sigma^2`` is then per image too.
-    ``alpha`` (Alg. 2.4 methods only) overrides the method's alpha, e.g. with a ``(B,)`` tensor of per-image values.
-    """
+def solver_call(
+    method: str, y: Tensor, op: LinearOperator, vae, budget: Budget, *, alpha=None
+) -> tuple[str, dict[str, Any]]:
+    """The registry name (:data:`jpmap_core.solvers.SOLVERS`) and options of one of :data:`METHODS` under ``budget``:
+    CSGM (``lambda = sigma^2``, the default), JPMAP Alg. 2.3 with ``beta = 1/gamma^2`` (``jpmap_fixed_beta``), or
+    Alg. 2.4 with the method's ``alpha`` (``alpha`` overrides it, e.g. with a ``(B,)`` tensor of per-image values)."""
     if method == "csgm":
-        return csgm(y, op, vae, sigma=sigma, max_iters=budget.csgm_max_iters)  # lambda = sigma^2 (default)
-    common = dict(sigma=sigma, n1=budget.n1, n2=budget.n2, n_max=budget.n_max, adam_max_iters=budget.adam_max_iters)
+        return "csgm", {"max_iters": budget.csgm_max_iters}
+    common = {"n1": budget.n1, "n2": budget.n2, "n_max": budget.n_max, "adam_max_iters": budget.adam_max_iters}
     if method == "jpmap_fixed_beta":
-        return jpmap(y, op, vae, **common)  # Alg. 2.3, beta = 1/gamma^2
+        return "jpmap", common
     if method in ALPHAS:
         d = math.prod(y.shape[1:]) if op.d is None else op.d
-        return jpmap(
-            y, op, vae, alpha=ALPHAS[method] if alpha is None else alpha, beta0=budget.beta0_gamma2 * vae.beta,
-            rho=budget.rho_d / d, k_max=budget.k_max, **common,
+        return "jpmap", dict(
+            common, alpha=ALPHAS[method] if alpha is None else alpha, beta0=budget.beta0_gamma2 * vae.beta,
+            rho=budget.rho_d / d, k_max=budget.k_max,
         )  # fmt: skip
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def solve(method: str, y: Tensor, op: LinearOperator, vae, sigma: float | Tensor, budget: Budget, *, alpha=None):
+    """Restore a batch with ``method`` (one of :data:`METHODS`) under ``budget``, through the solver registry;
+    returns the solver's Restoration. ``sigma``: a number or one per image (``(B,)``)."""
+    name, options = solver_call(method, y, op, vae, budget, alpha=alpha)
+    return run_solver(name, y, op, vae, sigma=sigma, **options)
 
 
 def score(x: Tensor, ref: Tensor, *, with_lpips: bool) -> dict[str, Tensor]:
@@ -374,7 +375,7 @@ def _solve_call(method: str | tuple[str, ...], batch: Degraded, vae, budget: Bud
         r = solve(method, batch.y.to(device), batch.op, vae, batch.sigma, budget)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    outer = r.info.get("outer_iterations")
+    outer = r.per_image.get("outer_iterations")
     return _Solved(
         x=r.x.detach().clamp(0, 1).cpu(),
         converged=r.converged.cpu(),

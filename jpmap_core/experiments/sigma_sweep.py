@@ -29,8 +29,8 @@ from torch import Tensor
 
 from ..metrics import psnr, summarize
 from ..models import GaussianVAE
-from ..operators import CompressedSensing, Denoising, Inpainting, LinearOperator
-from ..solvers import Restoration, csgm, jpmap
+from ..operators import LinearOperator, make_problem
+from ..solvers import Restoration, solve
 
 PROBLEMS = ("denoising", "compressed_sensing", "inpainting")
 METHODS = ("csgm", "jpmap")
@@ -86,25 +86,21 @@ def make_problems(
     prior and method sees the same measurements. Each image gets its own inpainting mask."""
     x = x_true.detach().cpu()
     g = torch.Generator().manual_seed(int(seed))
-    shape = tuple(x.shape[1:])
-    den = Denoising()
-    y_den = den.degrade(x, denoising_sigma, generator=g)
-    cs = CompressedSensing(int(cs_m), shape, generator=g)
-    y_cs = cs.degrade(x, cs_sigma, generator=g)
-    inp = Inpainting(image_shape=shape, missing=missing, batch_size=x.shape[0], generator=g)
-    y_inp = inp.degrade(x, inpainting_sigma, generator=g)
-    d = math.prod(shape)
+    den = make_problem("denoising", x, sigma=denoising_sigma, generator=g)
+    cs = make_problem("compressed_sensing", x, sigma=cs_sigma, level=int(cs_m), generator=g)
+    inp = make_problem("inpainting", x, sigma=inpainting_sigma, level=missing, generator=g)
+    d = math.prod(x.shape[1:])
     return {
-        "denoising": Problem("denoising", den, y_den.to(device), float(denoising_sigma)),
+        "denoising": Problem("denoising", den.op, den.y.to(device), float(denoising_sigma)),
         "compressed_sensing": Problem(
-            "compressed_sensing", cs, y_cs.to(device), float(cs_sigma), {"m": int(cs_m), "fraction": cs_m / d}
+            "compressed_sensing", cs.op, cs.y.to(device), float(cs_sigma), {"m": int(cs_m), "fraction": cs_m / d}
         ),
         "inpainting": Problem(
             "inpainting",
-            inp,
-            y_inp.to(device),
+            inp.op,
+            inp.y.to(device),
             float(inpainting_sigma),
-            {"missing": float(missing), "observed_fraction": float(inp.mask.mean())},
+            {"missing": float(missing), "observed_fraction": float(inp.op.mask.mean())},
         ),
     }
 
@@ -135,9 +131,12 @@ def restore(
         with torch.no_grad():
             z_true = vae.encode(x_true)[0]
     if method == "csgm":
-        return csgm(y, problem.op, vae, sigma=sigma, z0=z_true if figure == 1 else None, max_iters=csgm_max_iters)
-    init = {"x0": x_true, "z0": z_true} if figure == 1 else {}
-    return jpmap(y, problem.op, vae, sigma=sigma, n1=n1, n2=n2, n_max=n_max, adam_max_iters=adam_max_iters, **init)
+        options = {"z0": z_true if figure == 1 else None, "max_iters": csgm_max_iters}
+    else:
+        options = {"n1": n1, "n2": n2, "n_max": n_max, "adam_max_iters": adam_max_iters}
+        if figure == 1:
+            options.update(x0=x_true, z0=z_true)
+    return solve(method, y, problem.op, vae, sigma=sigma, **options)
 
 
 @dataclass

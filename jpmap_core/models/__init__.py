@@ -1,4 +1,5 @@
-"""VAE priors: a Gaussian VAE base and the MNIST (MLP) and CelebA (conv) architectures of JPMAP §3.1."""
+"""Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base and the MNIST (MLP) and CelebA (conv)
+architectures of JPMAP §3.1."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from .conv import ConvVAE
 from .mlp import MLPVAE
+from .prior import Prior, check_prior, latent_numel
 from .vae import GaussianVAE
 
 ARCHITECTURES: dict[str, type[GaussianVAE]] = {"mlp": MLPVAE, "conv": ConvVAE}
@@ -23,4 +25,6 @@ def build_model(config: dict[str, Any]) -> GaussianVAE:
     return ARCHITECTURES[arch](**cfg)
 
 
-__all__ = ["ARCHITECTURES", "ConvVAE", "GaussianVAE", "MLPVAE", "build_model"]
+__all__ = [
+    "ARCHITECTURES", "ConvVAE", "GaussianVAE", "MLPVAE", "Prior", "build_model", "check_prior", "latent_numel"
+]  # fmt: skip

@@ -58,6 +58,11 @@ class GaussianVAE(nn.Module, ABC):
         return c * h * w
 
     @property
+    def latent_shape(self) -> tuple[int]:
+        """``(l,)``: one flat latent vector per image (the :class:`~jpmap_core.models.Prior` interface)."""
+        return (self.latent_dim,)
+
+    @property
     def gamma(self) -> Tensor:
         """Decoder standard deviation ``gamma`` (scalar tensor)."""
         return self.log_gamma.exp()
@@ -78,14 +83,25 @@ class GaussianVAE(nn.Module, ABC):
         check_images(x, "x", shape=self.image_shape, check_range=not allow_out_of_range)
         return self._encode(x)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Decoder mean ``mu_theta(z)``, shape ``(B, C, H, W)``, values in [0, 1]."""
+    def decode(self, z: Tensor, *, check: bool = True) -> Tensor:
+        """Decoder mean ``mu_theta(z)``, shape ``(B, C, H, W)``, values in [0, 1].
+
+        ``check=False`` skips the shape and finiteness checks (solvers' inner loops, on latents they made).
+        """
+        if not check:
+            return self._decode(z)
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"z must have shape (B, {self.latent_dim}), got {shape}")
         if not bool(torch.isfinite(z).all()):
             raise ValueError("z contains NaN or infinite values")
         return self._decode(z)
+
+    @staticmethod
+    def neg_log_prior(z: Tensor) -> Tensor:
+        """``-log p_Z(z) = 1/2 ||z||^2`` per image for ``p_Z = N(0, I)`` (the constant ``l/2 log 2 pi`` dropped, as
+        in ``J1``, eq. 2.5)."""
+        return 0.5 * z.pow(2).sum(1)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """``mu_theta(mu_phi(x))`` (the reconstructions of Fig. 8b)."""

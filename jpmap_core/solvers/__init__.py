@@ -1,13 +1,55 @@
-"""Solvers for ``y = A x + noise`` with a VAE prior; all batched with per-image state.
+"""Solvers for ``y = A x + noise`` with a generative prior; all batched, each image with its own state.
 
-* :func:`csgm` -- Bora et al., JPMAP eq. 1.3
-* :func:`jpmap` -- JPMAP Algorithms 2.1, 2.2, 2.3 and (with ``alpha``) 2.4
-* :func:`mapz_splitting` -- Algorithm 1.1
+Every solver is registered in :data:`SOLVERS` under its method name and follows one contract::
+
+    solver(y, op, prior, *, sigma, **options) -> Restoration
+
+* ``y``: measurements ``(B, ...)`` of ``op`` (a :mod:`jpmap_core.operators` operator or a wrapped deepinv
+  physics); ``prior``: a :class:`jpmap_core.models.Prior` (a Gaussian VAE, a hierarchical VAE with its latent groups
+  packed into one ``(B, L)`` tensor, a flow with an image-shaped latent); ``sigma``: the noise std on the 0-255
+  scale, a number or a ``(B,)`` tensor (one per image); ``options``: the method's own keywords, with the paper's
+  (or the official code's) values as defaults.
+* The returned :class:`Restoration` holds, batch-first: the estimate ``x``, the latent ``z`` (in the prior's
+  layout; a variational posterior stores its mean there and its scale in ``per_image["z_scale"]``), the decoded
+  latent ``x_decoded``, per-image ``converged`` and ``iterations``, per-image ``history`` with the objective under
+  the key ``"objective"`` (the paper's own definition of it, see each solver), other per-image outputs in
+  ``per_image``, and what was run in ``info``.
+* Batched equals alone: an image's result does not depend on the other images of the batch.
+* Bad input (shapes, NaN/inf, ``sigma <= 0``, a prior without the interface) raises ``ValueError`` / ``TypeError``
+  saying what was expected.
+
+Methods:
+
+* ``"csgm"`` -- :func:`csgm`, Bora et al., JPMAP eq. 1.3
+* ``"jpmap"`` -- :func:`jpmap`, JPMAP Algorithms 2.1, 2.2, 2.3 and (with ``alpha``) 2.4
+* ``"mapz_splitting"`` -- :func:`mapz_splitting`, JPMAP Algorithm 1.1
+
+:func:`solve` runs a method by name (what benchmarks, notebooks and the explorer use instead of chains of ``if``).
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
 
 from ._common import Restoration, adam_minimize
 from .csgm import csgm
 from .jpmap import jpmap
 from .splitting import mapz_splitting
 
-__all__ = ["Restoration", "adam_minimize", "csgm", "jpmap", "mapz_splitting"]
+Solver = Callable[..., Restoration]
+
+#: method name -> solver with the contract of the module docstring
+SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": mapz_splitting}
+
+
+def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
+    """``SOLVERS[method](y, op, prior, sigma=sigma, **options)``; an unknown name lists the registered ones."""
+    if method not in SOLVERS:
+        raise ValueError(f"unknown method {method!r}; registered solvers: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[method](y, op, prior, sigma=sigma, **options)
+
+
+__all__ = ["SOLVERS", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]

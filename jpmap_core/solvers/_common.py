@@ -13,17 +13,26 @@ from torch import Tensor
 
 from .._checks import check_tensor4d
 from ..energy import Sigma, check_sigma
-from ..models import GaussianVAE
+from ..models import Prior, check_prior
 
 
 @dataclass
 class Restoration:
-    """What every solver returns.
+    """What every solver returns (the contract of :data:`jpmap_core.solvers.SOLVERS`). Everything is batch-first.
 
-    ``x``: the estimate ``(B, C, H, W)``; ``z``: the latent codes ``(B, l)``; ``x_decoded = mu_theta(z)``;
-    ``converged`` and ``iterations`` per image; ``history``: per-iteration tensors of shape ``(T, B)``
-    (``NaN`` / ``-1`` where an image had already stopped), e.g. ``J1``, ``istar``, ``beta``, ``coupling``
-    (``||x - G(z)||^2``), ``adam_steps``, ``seconds``; ``info``: the parameters that were used.
+    * ``x`` ``(B, C, H, W)``: the estimate (for a posterior method, the MMSE estimate);
+    * ``z`` ``(B, *latent_shape)``: the latent solution, in the prior's layout (a flat ``(B, l)`` code; the packed
+      groups of a hierarchical VAE; a flow's image-shaped code; a variational posterior's mean, its scale in
+      ``per_image["z_scale"]``);
+    * ``x_decoded`` ``(B, C, H, W)``: the decoded latent ``mu_theta(z)`` (equal to ``x`` for CSGM, eq. 1.4);
+    * ``converged`` ``(B,)`` bool and ``iterations`` ``(B,)``: each image's stopping state and iteration count (the
+      unit is the solver's: Adam steps for CSGM, alternations for JPMAP);
+    * ``history``: per-iteration tensors ``(T, B, ...)``, row ``t`` of column ``b`` being image ``b``'s ``t``-th
+      record, padded with ``NaN`` / ``-1`` after it stopped; every solver records its objective as
+      ``history["objective"]`` (the paper's definition: JPMAP's ``J1``, CSGM's eq. 1.3 energy; see each solver);
+    * ``per_image``: other per-image outputs ``(B, ...)``, e.g. ``best_restart`` (CSGM), ``outer_iterations``
+      (Alg. 2.4), posterior std maps and samples;
+    * ``info``: what was run (method, parameters, batched steps, seconds), not per-image.
     """
 
     x: Tensor
@@ -33,6 +42,7 @@ class Restoration:
     iterations: Tensor
     history: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    per_image: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -253,9 +263,10 @@ def adam_minimize(
     )  # fmt: skip
 
 
-def check_problem(y: object, op: Any, vae: GaussianVAE, sigma: Sigma, x0: Tensor | None, init: str, eps: float):
+def check_problem(y: object, op: Any, vae: Prior, sigma: Sigma, x0: Tensor | None, init: str, eps: float):
     """Validate ``(y, op, vae, sigma)`` and return ``(y, x0, sigma)``: shapes must agree, no NaN/inf, ``sigma > 0``
     (a number, or a ``(B,)`` tensor of per-image noise stds, returned on ``y``'s device and dtype)."""
+    check_prior(vae)
     if not isinstance(sigma, Tensor):
         check_sigma(sigma)
     if not isinstance(y, Tensor):

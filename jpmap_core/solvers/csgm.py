@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 
 from ..energy import Sigma, noise_std, sigma_info
-from ..models import GaussianVAE
+from ..models import Prior
 from ._common import Clock, Restoration, adam_minimize, check_problem
 
 
 def csgm(
     y: Tensor,
     op,
-    vae: GaussianVAE,
+    vae: Prior,
     *,
     sigma: Sigma,
     lam: float | Tensor | None = None,
@@ -39,9 +39,10 @@ def csgm(
 
     ``z0``: first start (default 0; ``vae.encode(x_true)[0]`` for the "initialised at the ground truth" runs
     of Fig. 1). ``restarts > 1`` adds starts ``z ~ N(0, I)`` drawn from ``generator``; each image keeps the
-    restart with the lowest energy. ``history["energy"]`` is the per-iteration energy ``(T, B)`` of the restart
-    each image kept (NaN after it stopped), ``history["seconds"]`` the elapsed time ``(T,)`` of that restart,
-    ``history["energy_final"]`` the final energy of every restart ``(restarts, B)``.
+    restart with the lowest energy (``per_image["best_restart"]``). ``history["objective"]`` is the per-iteration
+    energy ``||A G(z) - y||^2 + lambda ||z||^2`` ``(T, B)`` of the restart each image kept (NaN after it stopped),
+    ``history["seconds"]`` the elapsed time ``(T,)`` of that restart, ``history["objective_final"]`` the final
+    energy of every restart ``(restarts, B)``.
     """
     y, x0, sigma = check_problem(y, op, vae, sigma, None, "adjoint", None)
     B = x0.shape[0]
@@ -60,18 +61,21 @@ def csgm(
         raise ValueError(f"max_iters must be an integer >= 1 (Adam steps per restart), got {max_iters!r}")
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-    ldim = vae.latent_dim
+    ldim = tuple(vae.latent_shape)
     if z0 is None:
-        z0 = torch.zeros(B, ldim, dtype=x0.dtype, device=x0.device)
-    elif z0.shape != (B, ldim) or not bool(torch.isfinite(z0).all()):
-        raise ValueError(f"z0 must be a finite (B, l) = ({B}, {ldim}) tensor, got {tuple(z0.shape)}")
+        z0 = torch.zeros(B, *ldim, dtype=x0.dtype, device=x0.device)
+    elif tuple(z0.shape) != (B, *ldim) or not bool(torch.isfinite(z0).all()):
+        raise ValueError(f"z0 must be a finite (B, *latent_shape) = {(B, *ldim)} tensor, got {tuple(z0.shape)}")
     clock = Clock()
-    decode = vae._decode
+
+    def decode(z: Tensor) -> Tensor:
+        return vae.decode(z, check=False)
+
     best_z, best_E = None, None
     energies, all_steps, all_conv, traces, trace_times = [], [], [], [], []
     batched_steps = 0
     for r in range(restarts):
-        start = z0 if r == 0 else torch.randn(B, ldim, generator=generator, device=x0.device, dtype=x0.dtype)
+        start = z0 if r == 0 else torch.randn(B, *ldim, generator=generator, device=x0.device, dtype=x0.dtype)
         with torch.no_grad():
             G_cache = decode(start)
 
@@ -82,7 +86,7 @@ def csgm(
             G_cache[idx] = Gi.detach()
             res = (op.A(G) - y).flatten(1)[idx]
             lam_i = lam[idx] if isinstance(lam, Tensor) else lam
-            return res.pow(2).sum(1) + lam_i * zr.pow(2).sum(1)
+            return res.pow(2).sum(1) + 2 * lam_i * vae.neg_log_prior(zr)  # lam ||z||^2 for p_Z = N(0, I)
 
         out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters, record=True)
         batched_steps += out.batched_steps
@@ -110,9 +114,9 @@ def csgm(
         converged=conv,
         iterations=steps,
         history={
-            "energy": trace,
+            "objective": trace,
             "seconds": trace_times[0] if restarts == 1 else torch.full((T,), float("nan")),
-            "energy_final": torch.stack(energies).cpu(),
+            "objective_final": torch.stack(energies).cpu(),
             "adam_steps": torch.stack(all_steps).cpu(),
             "converged": torch.stack(all_conv).cpu(),
         },
@@ -124,8 +128,8 @@ def csgm(
             "tol": tol,
             "max_iters": max_iters,
             "restarts": restarts,
-            "best_restart": best_r.cpu(),
             "batched_steps": batched_steps,
             "seconds": clock(),
         },
+        per_image={"best_restart": best_r.cpu()},
     )

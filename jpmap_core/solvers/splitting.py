@@ -18,16 +18,20 @@ from torch import Tensor
 from ..energy import J1, Sigma, as_beta, sigma_info
 from ..models import GaussianVAE
 from ._common import Clock, History, Restoration, check_problem
-from .jpmap import _Ctx, _Engine, _State
+from .alternation import Alternation, Data, Iterate
+
+#: the default schedule, in units of the decoder's ``1/gamma^2``: from Alg. 2.4's ``beta0 = 0.1/gamma^2`` up to
+#: ``1/gamma^2`` (the fixed beta of JPMAP) in 5 geometric steps
+DEFAULT_BETAS_GAMMA2 = tuple(10 ** (-1 + i / 4) for i in range(5))
 
 
 def mapz_splitting(
     y: Tensor,
     op,
     vae: GaussianVAE,
-    betas: Sequence[float],
     *,
     sigma: Sigma,
+    betas: Sequence[float] | None = None,
     maxiter: int = 300,
     x0: Tensor | None = None,
     z0: Tensor | None = None,
@@ -37,11 +41,14 @@ def mapz_splitting(
     adam_tol: float = 1e-4,
     adam_max_iters: int = 3000,
 ) -> Restoration:
-    """Alg. 1.1 over the schedule ``betas`` (positive, non-decreasing). ``z0`` defaults to 0.
+    """Alg. 1.1 over the schedule ``betas`` (positive, non-decreasing; default :data:`DEFAULT_BETAS_GAMMA2` times
+    ``1/gamma^2``). ``z0`` defaults to 0.
 
-    ``history["outer"]`` gives the index ``k`` of ``beta_k`` for each alternation; ``converged`` says whether the
-    last beta's inner loop met the tolerance.
+    ``history["objective"]`` is ``J_{1,beta_k}`` after each alternation, ``history["outer"]`` the index ``k`` of
+    ``beta_k``; ``converged`` says whether the last beta's inner loop met the tolerance.
     """
+    if betas is None:
+        betas = [f * vae.beta for f in DEFAULT_BETAS_GAMMA2]
     betas = [float(b) for b in betas]
     if not betas or any(not math.isfinite(b) or b <= 0 for b in betas):
         raise ValueError(f"betas must be a non-empty list of positive numbers, got {betas!r}")
@@ -50,39 +57,39 @@ def mapz_splitting(
     if not isinstance(maxiter, int) or maxiter < 1:
         raise ValueError(f"maxiter must be an integer >= 1, got {maxiter!r}")
     y, x, sigma = check_problem(y, op, vae, sigma, x0, init, None)
-    B, ldim = x.shape[0], vae.latent_dim
-    z = torch.zeros(B, ldim, dtype=x.dtype, device=x.device) if z0 is None else z0.detach().clone().to(x)
-    if z.shape != (B, ldim):
-        raise ValueError(f"z0 must have shape (B, l) = ({B}, {ldim}), got {tuple(z.shape)}")
+    B, lshape = x.shape[0], tuple(vae.latent_shape)
+    z = torch.zeros(B, *lshape, dtype=x.dtype, device=x.device) if z0 is None else z0.detach().clone().to(x)
+    if tuple(z.shape) != (B, *lshape):
+        raise ValueError(f"z0 must have shape (B, *latent_shape) = {(B, *lshape)}, got {tuple(z.shape)}")
     clock = Clock()
     b = as_beta(betas[0], vae, B, x).clone()
     with torch.no_grad():
         Gz = vae.decode(z)
         J = J1(x, z, y, op, vae, sigma, b, mu_x=Gz)
-    st = _State(x.clone(), z, Gz, J, b)
-    ctx = _Ctx(
-        y, op, vae, sigma, "2.3", float(tol),
-        {"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, History(B), clock,
-    )  # fmt: skip
+    it = Iterate(x.clone(), z, Gz, J, b)
+    schedule = torch.tensor(betas, dtype=x.dtype, device=x.device)
 
-    def on_run_end(E: Tensor) -> Tensor:  # next beta of the schedule, image by image
-        nxt = eng.k[E] + 1
+    def next_beta(E: Tensor, k: Tensor) -> Tensor:  # the next beta of the schedule, image by image
+        nxt = k + 1
         cont = nxt < len(betas)
         if bool(cont.any()):
-            st.beta[E[cont]] = schedule[nxt[cont]]
+            it.beta[E[cont]] = schedule[nxt[cont]]
         return cont
 
-    schedule = torch.tensor(betas, dtype=x.dtype, device=x.device)
-    eng = _Engine(st, ctx, 0, 0, maxiter, st.J.clone(), on_run_end)
-    eng.run()
-    conv, iters = eng.conv_run, eng.iters
+    history = History(B)
+    alt = Alternation(
+        it, Data(y, op, vae, sigma), algorithm="2.3", n1=0, n2=0, n_max=maxiter, tol=tol,
+        adam={"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, J_prev=it.J.clone(),
+        on_run_end=next_beta, history=history, clock=clock,
+    )  # fmt: skip
+    alt.run()
     return Restoration(
-        x=st.x,
-        z=st.z,
-        x_decoded=st.Gz,
-        converged=conv,
-        iterations=iters,
-        history=ctx.hist.stack(),
+        x=it.x,
+        z=it.z,
+        x_decoded=it.Gz,
+        converged=alt.converged_run,
+        iterations=alt.iterations,
+        history=history.stack(),
         info={
             "method": "mapz_splitting",
             "betas": betas,
