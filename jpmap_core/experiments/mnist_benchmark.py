@@ -444,8 +444,8 @@ def run_benchmark(
     ``cache``: a folder where every finished call is saved (safetensors, written atomically) under a key made of
     everything that decides its result -- method, caps, measurements, sigma, operator, the prior's weights and the
     solver code (any change to ``solvers/``, ``models/``, ``energy.py`` or ``operators.py`` gives new keys). A run
-    that is interrupted (a session that ends, a lost GPU) and started again computes only the calls it lacks; a
-    cached call keeps the seconds it took when it ran.
+    that is interrupted (stopped by hand, a time limit, a lost GPU) and started again computes only the calls it
+    lacks; a cached call keeps the seconds it took when it ran.
     ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
     thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
     then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
