@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check jpmap_core tests benchmarks
 
 bench: setup
-	$(PY) benchmarks/bench_solvers.py --n-images 100 --json benchmarks/results_cpu.json
+	$(PY) benchmarks/bench_solvers.py --n-images 100 --device $(DEVICE) --json benchmarks/results_$(DEVICE).json
 
 clean-venv:
 	rm -rf $(VENV)

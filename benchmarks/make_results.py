@@ -44,7 +44,7 @@ def table(path: str) -> str:
 def faces_table(path: str) -> str:
     d = json.load(open(path))
     m, b = d["machine"], d["budget"]
-    threads = m.get("torch_threads", m.get("threads"))  # results_faces_cpu.json predates machine_info's key
+    threads = m.get("torch_threads", m.get("threads"))  # results_faces_cpu.json calls it "threads"
     lines = [
         f"Machine: {m['processor'] or m['platform']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
         f"({threads} threads). Prior `{d['prior']}` (sha256 `{d['weights_sha256'][:12]}...`), data: "

@@ -4,7 +4,7 @@ Each entry is a safetensors file (tensors + string metadata), written atomically
 everything that decides the call's result, **by value** -- the arguments given to :meth:`CallCache.key` (methods,
 caps, measurements, sigma, operators with their masks and matrices), the prior's weights and the source of the code
 that computes it (``solvers/``, ``models/``, ``energy.py``, ``operators.py``: any change gives new keys). The same
-call gets the same key in every process and every session; an unreadable entry is recomputed, never trusted.
+call gets the same key in every process and every run; an unreadable entry is recomputed, never trusted.
 
 ``python -m jpmap_core.cache FOLDER`` lists what a folder holds (calls, images and seconds per method).
 """

@@ -2,7 +2,8 @@
 
 A dataset root is resolved as: the explicit ``root`` argument, then ``$JPMAP_DATA_DIR``, then ``./data``.
 Every loader returns an :class:`ImageSet` whose ``source`` string says exactly which data was used, so that
-figures and ``metrics.json`` can record it. Images are float32 ``(N, C, H, W)`` in [0, 1].
+figures and ``metrics.json`` can record it; it names files relative to the root they were found in
+(:func:`display_path`: ``$JPMAP_DATA_DIR/...``, ``./data/...``). Images are float32 ``(N, C, H, W)`` in [0, 1].
 
 Downloads: only MNIST is downloaded automatically (the official files, with a short timeout). Set
 ``JPMAP_OFFLINE=1`` or pass ``download=False`` to forbid any network access (the tests do).
@@ -135,6 +136,30 @@ def resolve_root(root: str | os.PathLike | None = None) -> Path:
     return candidate_roots(root)[0]
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """How a ``source`` string names a data file or folder: by where it lies in the search order, so that results
+    written on one machine say nothing of its directory layout.
+
+    ``$JPMAP_DATA_DIR/<relative path>`` when ``path`` lies under ``$JPMAP_DATA_DIR``; ``./data/<relative path>``
+    when it lies under ``./data`` of the working directory; otherwise the path as given (an explicit ``root``
+    shows as it was passed).
+    """
+    p = Path(path)
+    resolved = p.resolve()
+    bases = []
+    env = os.environ.get("JPMAP_DATA_DIR")
+    if env:
+        bases.append(("$JPMAP_DATA_DIR", Path(env)))
+    bases.append(("./data", Path("data")))
+    for label, base in bases:
+        try:
+            rel = resolved.relative_to(base.resolve())
+        except ValueError:
+            continue
+        return label if rel == Path(".") else f"{label}/{rel.as_posix()}"
+    return str(p)
+
+
 def _find(relative: str, root: str | os.PathLike | None) -> tuple[Path | None, list[Path]]:
     searched = [r / relative for r in candidate_roots(root)]
     for p in searched:
@@ -187,7 +212,7 @@ def _torchvision_mnist(root: Path, train: bool, download: bool) -> ImageSet:
     return ImageSet(
         images=images,
         labels=ds.targets.clone(),
-        source=f"mnist (official, torchvision raw layout at {root / 'MNIST' / 'raw'})",
+        source=f"mnist (official, torchvision raw layout at {display_path(root / 'MNIST' / 'raw')})",
         info={"dataset": "mnist", "split": "train" if train else "test", "official": True},
     )
 
@@ -400,7 +425,7 @@ def load_image_folder(
     images: Tensor | list[Tensor] = torch.cat(tensors).contiguous() if len(shapes) == 1 else tensors
     return ImageSet(
         images=images,
-        source=source or f"image folder {folder} ({len(files)} files)",
+        source=source or f"image folder {display_path(folder)} ({len(files)} files)",
         names=[f.name for f in files],
         info={"dataset": "folder", "folder": str(folder), "ragged": len(shapes) > 1},
     )
@@ -423,7 +448,7 @@ def _celeba_from_npz(path: Path, split: str, crop: int, limit: int | None) -> Im
         labels=torch.from_numpy(arrays["identity"][index].astype(np.int64)),
         names=[str(n) for n in arrays["names"][index]],
         source=(
-            f"celeba64 npz {path} (CenterCrop {crop} + Resize 64; official partition '{split}': "
+            f"celeba64 npz {display_path(path)} (CenterCrop {crop} + Resize 64; official partition '{split}': "
             f"{len(index)} of the {len(partition)} images in the file)"
         ),
         info={"dataset": "celeba64", "split": split, "crop": crop, "layout": "npz", "file": str(path)},
@@ -490,8 +515,8 @@ def _celeba_from_folder(base: Path, split: str, crop: int, limit: int | None) ->
         labels=labels,
         names=names,
         source=(
-            f"celeba (torchvision folder {folder}, CenterCrop {crop} + Resize 64 antialias; official partition "
-            f"'{split}': {len(names)} images{' (first ' + str(limit) + ')' if limit is not None else ''})"
+            f"celeba (torchvision folder {display_path(folder)}, CenterCrop {crop} + Resize 64 antialias; official "
+            f"partition '{split}': {len(names)} images{' (first ' + str(limit) + ')' if limit is not None else ''})"
         ),
         info={"dataset": "celeba64", "split": split, "crop": crop, "layout": "folder", "file": str(folder)},
     )
@@ -577,7 +602,10 @@ def load_ffhq(root: str | os.PathLike | None = None, *, size: int = 64, limit: i
             return ImageSet(
                 images=_resize(images, size),
                 names=[str(n) for n in arrays["names"][:limit]],
-                source=f"ffhq npz {npz} ({len(images)} faces at {src_res}x{src_res}, resized to {size}x{size})",
+                source=(
+                    f"ffhq npz {display_path(npz)} ({len(images)} faces at {src_res}x{src_res}, "
+                    f"resized to {size}x{size})"
+                ),
                 info={"dataset": "ffhq", "size": size, "layout": "npz", "file": str(npz)},
             )
         if folder.is_dir() and _list_images(folder, (".png",)):
@@ -587,7 +615,7 @@ def load_ffhq(root: str | os.PathLike | None = None, *, size: int = 64, limit: i
             return ImageSet(
                 images=images,
                 names=raw.names,
-                source=f"ffhq folder {folder} ({len(images)} PNGs, resized to {size}x{size})",
+                source=f"ffhq folder {display_path(folder)} ({len(images)} PNGs, resized to {size}x{size})",
                 info={"dataset": "ffhq", "size": size, "layout": "folder", "file": str(folder)},
             )
     raise _not_found(
@@ -618,7 +646,7 @@ def load_bsd(root: str | os.PathLike | None = None, *, subset: str = "CBSD68") -
     for folder in searched:
         if folder.is_dir() and _list_images(folder, extensions):
             out = load_image_folder(folder, extensions=extensions)
-            out.source = f"bsd {subset} folder {folder} ({len(out)} images, original sizes)"
+            out.source = f"bsd {subset} folder {display_path(folder)} ({len(out)} images, original sizes)"
             out.info.update(dataset="bsd", subset=subset)
             return out
     raise _not_found(

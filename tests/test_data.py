@@ -16,6 +16,7 @@ from jpmap_core.data import (
     DataNotFoundError,
     ImageSet,
     candidate_roots,
+    display_path,
     load_bsd,
     load_celeba64,
     load_ffhq,
@@ -89,6 +90,37 @@ def test_loader_uses_env_root_before_cwd_data(tmp_path, monkeypatch):
         load_kernels("levin09", root=tmp_path / "nowhere")
 
 
+def test_source_names_data_by_search_root_not_by_machine_path(tmp_path, monkeypatch):
+    """Results written on one machine name data as ``$JPMAP_DATA_DIR/...`` or ``./data/...``, never its layout."""
+    monkeypatch.chdir(tmp_path)
+    env = tmp_path / "somewhere" / "shared"
+    monkeypatch.setenv("JPMAP_DATA_DIR", str(env))
+    assert display_path(env / "MNIST" / "raw") == "$JPMAP_DATA_DIR/MNIST/raw"
+    assert display_path(env) == "$JPMAP_DATA_DIR"
+    assert display_path(tmp_path / "data" / "celeba64" / "celeba64.npz") == "./data/celeba64/celeba64.npz"
+    assert display_path(Path("data") / "ffhq") == "./data/ffhq"
+    # a relative $JPMAP_DATA_DIR is resolved against the working directory, as the loaders do
+    monkeypatch.setenv("JPMAP_DATA_DIR", "somewhere/shared")
+    assert display_path(env / "kernels" / "levin09.npz") == "$JPMAP_DATA_DIR/kernels/levin09.npz"
+    # outside both: the path exactly as the caller gave it
+    monkeypatch.delenv("JPMAP_DATA_DIR")
+    assert display_path(env / "bsd" / "CBSD68") == str(env / "bsd" / "CBSD68")
+    assert display_path(Path("other") / "x.npz") == str(Path("other") / "x.npz")
+
+
+def test_loader_source_is_relative_to_the_root_it_was_found_in(tmp_path, monkeypatch):
+    """The same BSD folder found under $JPMAP_DATA_DIR, then under ./data: the source says which, not where."""
+    monkeypatch.chdir(tmp_path)
+    for root in (tmp_path / "env", tmp_path / "data"):
+        (root / "bsd" / "CBSD10").mkdir(parents=True)
+        Image.fromarray(np.full((8, 6, 3), 200, np.uint8)).save(root / "bsd" / "CBSD10" / "1.jpg")
+    monkeypatch.setenv("JPMAP_DATA_DIR", str(tmp_path / "env"))
+    s = load_bsd(subset="CBSD10")
+    assert "folder $JPMAP_DATA_DIR/bsd/CBSD10 (1 images" in s.source and str(tmp_path) not in s.source
+    monkeypatch.delenv("JPMAP_DATA_DIR")
+    assert "folder ./data/bsd/CBSD10 (1 images" in load_bsd(subset="CBSD10").source
+
+
 # ------------------------------------------------------------------------------------------------
 # MNIST
 # ------------------------------------------------------------------------------------------------
@@ -97,7 +129,7 @@ def test_mnist_shared_is_full_official_split(shared):
     _check_images(train, (60000, 1, 28, 28))
     _check_images(test, (10000, 1, 28, 28))
     assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    assert "official" in test.source and str(shared) in test.source
+    assert "official" in test.source and display_path(shared / "MNIST" / "raw") in test.source
     assert test.info["official"] is True
 
 

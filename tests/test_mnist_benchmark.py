@@ -277,6 +277,29 @@ def test_fig6_says_why_lpips_is_missing_instead_of_plotting_it():
     plt.close(fig)
 
 
+def test_fig6_lpips_line_is_short_and_names_no_machine_path():
+    """The panel says why in one line; the long reason (cache path, URL, what to do) stays in metrics.json."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    home = "/home/someone/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth"
+    long = (
+        f"LPIPS unavailable: torchvision AlexNet weights not in torch hub cache ({home}); they cannot be downloaded "
+        f"offline -- download https://download.pytorch.org/models/alexnet-owt-7be5be79.pth to {home}"
+    )
+    short = "LPIPS unavailable: AlexNet weights not found offline; see data/README.md"
+    assert mb.lpips_panel_text(long) == short
+    no_pkg = "LPIPS unavailable: the lpips package cannot be imported (No module named 'lpips'); pip install lpips"
+    assert mb.lpips_panel_text(no_pkg) == "LPIPS unavailable: the lpips package cannot be imported"
+    assert mb.lpips_panel_text(None) == "LPIPS unavailable"
+    assert mb.lpips_panel_text("no weights") == "LPIPS unavailable: no weights"
+    b = _fake_bench({"csgm": [20.0, 22.0], "jpmap_fixed_beta": [21.0, 23.0]})
+    fig = mb.plot_sweeps(mb.results_table(b), lpips_reason=long)
+    shown = [" ".join(t.get_text().split()) for t in fig.axes[1].texts]
+    assert short in shown and not any(home in t or ".cache" in t for t in shown), shown
+    plt.close(fig)
+
+
 def test_fig7_rows_and_columns_follow_the_stated_rule(small_run):
     import matplotlib.pyplot as plt
 

@@ -50,7 +50,7 @@ SWEEP = {s: f"mnist_mlp_e50_dvae{str(s).replace('.', 'p')}" for s in (0, 2.5, 5,
 
 
 def test_sweep_priors_share_one_recipe_but_sigma_dvae():
-    """Issue 5 / Figs. 1-2: one prior per sigma_DVAE, all with the same (50-epoch) recipe, so that only the
+    """Figs. 1-2 (notebook 05): one prior per sigma_DVAE, all with the same (50-epoch) recipe, so that only the
     denoising criterion differs between members."""
     manifest = load_manifest()
     missing = [n for n in SWEEP.values() if n not in manifest]
@@ -86,7 +86,7 @@ def celeba_test():
 
 
 def test_celeba_prior_is_the_conv_vae_of_its_manifest():
-    """Issue 6: the shipped CelebA prior, its recipe (latent 32 as the paper, sigma_DVAE 15) and checksum."""
+    """Fig. 8 (notebook 07): the shipped CelebA prior, its recipe (latent 32 as the paper, sigma_DVAE 15), checksum."""
     e = load_manifest()["celeba64_conv_dvae15"]
     assert e["model"]["arch"] == "conv" and e["model"]["latent_dim"] == 32 and e["model"]["image_shape"] == [3, 64, 64]
     assert e["recipe"]["sigma_dvae"] == 15 and e["recipe"]["hflip"] is True

@@ -62,6 +62,7 @@ __all__ = [
     "degrade",
     "level_key",
     "level_seed",
+    "lpips_panel_text",
     "nearest_level",
     "plot_sweeps",
     "psnr_gain",
@@ -444,8 +445,8 @@ def run_benchmark(
     ``cache``: a folder where every finished call is saved (safetensors, written atomically) under a key made of
     everything that decides its result -- method, caps, measurements, sigma, operator, the prior's weights and the
     solver code (any change to ``solvers/``, ``models/``, ``energy.py`` or ``operators.py`` gives new keys). A run
-    that is interrupted (a session that ends, a lost GPU) and started again computes only the calls it lacks; a
-    cached call keeps the seconds it took when it ran.
+    that is interrupted (stopped by hand, a time limit, a lost GPU) and started again computes only the calls it
+    lacks; a cached call keeps the seconds it took when it ran.
     ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
     thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
     then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
@@ -794,6 +795,21 @@ def _x_values(problem: str, levels: Sequence[float]) -> list[float]:
     return [100 * float(lv) for lv in levels] if problem == "inpainting" else [float(lv) for lv in levels]
 
 
+def lpips_panel_text(reason: str | None) -> str:
+    """The one short line an LPIPS panel without values shows, free of the machine's paths.
+
+    ``reason`` is :func:`~jpmap_core.metrics.lpips_status`'s full reason (paths, URL, what to do), which stays in
+    ``metrics.json``; the panel keeps its first clause, and for missing AlexNet weights points to data/README.md.
+    """
+    text = (reason or "").strip()
+    if "AlexNet weights not" in text:
+        return "LPIPS unavailable: AlexNet weights not found offline; see data/README.md"
+    text = text.split(" (")[0].split("; ")[0].split(" -- ")[0].strip()  # the first clause: no path, no instructions
+    if not text.startswith("LPIPS unavailable"):
+        text = f"LPIPS unavailable: {text}" if text else "LPIPS unavailable"
+    return text
+
+
 def plot_sweeps(
     rows: Sequence[Mapping[str, Any]],
     *,
@@ -842,9 +858,7 @@ def plot_sweeps(
                 ax.set_xticks(xs)
                 drawn = True
             if not drawn and metric == "lpips":
-                text = lpips_reason or "LPIPS unavailable"
-                if not text.startswith("LPIPS unavailable"):
-                    text = f"LPIPS unavailable: {text}"
+                text = lpips_panel_text(lpips_reason)
                 ax.text(
                     0.5, 0.5, "\n".join(textwrap.wrap(text, 48)), ha="center", va="center", fontsize=7,
                     transform=ax.transAxes, wrap=True,
