@@ -130,3 +130,30 @@ def test_decode_rejects_wrong_latent_shape(mlp):
         mlp.decode(torch.zeros(2, 9))
     with pytest.raises(ValueError, match="NaN"):
         mlp.decode(torch.full((1, 8), float("nan")))
+
+
+def test_gaussian_vaes_offer_the_prior_interface():
+    from jpmap_core.models import MLPVAE, ConvVAE, Prior, check_prior
+
+    for vae in (MLPVAE(latent_dim=4, hidden=(8,)), ConvVAE(latent_dim=5, widths=(4, 8, 8, 8), fc_dim=16)):
+        assert isinstance(vae, Prior) and check_prior(vae) is vae
+        assert vae.latent_shape == (vae.latent_dim,)
+        z = torch.randn(3, vae.latent_dim)
+        torch.testing.assert_close(vae.neg_log_prior(z), 0.5 * z.pow(2).sum(1))  # -log N(0, I), constants dropped
+        with torch.no_grad():
+            assert torch.equal(vae.decode(z, check=False), vae.decode(z))
+    with pytest.raises(ValueError, match="z must have shape"):
+        MLPVAE(latent_dim=4, hidden=(8,)).decode(torch.zeros(2, 5))
+
+
+def test_an_object_without_the_interface_is_not_a_prior():
+    from jpmap_core.models import check_prior
+
+    class Half:
+        image_shape = (1, 8, 8)
+
+        def decode(self, z):
+            return z
+
+    with pytest.raises(TypeError, match="lacks latent_shape, encode, neg_log_prior"):
+        check_prior(Half())

@@ -569,3 +569,83 @@ BAD = {
 def test_bad_input_raises_error_naming_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---- the one problem builder ------------------------------------------------------------------------------------
+def test_make_problem_same_seed_same_problem_and_draws_operator_then_noise():
+    from jpmap_core.operators import make_problem
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = make_problem("inpainting", x, sigma=10, level=0.5, seed=4)
+    b = make_problem("inpainting", x, sigma=10, level=0.5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.y, b.y) and torch.equal(a.op.mask, b.op.mask)
+    assert not torch.equal(a.op.mask[0], a.op.mask[1]), "one mask per image"
+    g = torch.Generator().manual_seed(4)  # by hand: the mask first, then the noise, from one generator
+    op = Inpainting(image_shape=(1, 8, 8), missing=0.5, batch_size=3, generator=g)
+    assert torch.equal(op.mask, a.op.mask) and torch.equal(op.degrade(x, 10, generator=g), a.y)
+    c = make_problem("inpainting", x, sigma=10, level=0.5, seed=5)
+    assert not torch.equal(a.y, c.y)
+
+
+def test_make_problem_shared_generator_draws_problems_one_after_the_other():
+    from jpmap_core.operators import make_problem
+
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    first = make_problem("denoising", x, sigma=20, generator=g)
+    second = make_problem("compressed_sensing", x, sigma=20, level=10, generator=g)
+    alone = make_problem("compressed_sensing", x, sigma=20, level=10, seed=1)
+    assert not torch.equal(second.op.matrix, alone.op.matrix), "the second problem continues the generator"
+    assert first.y.shape == x.shape and second.y.shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "name,level,shape,observed",
+    [
+        ("denoising", None, (2, 3, 8, 8), True),
+        ("inpainting", 0.8, (2, 3, 8, 8), True),
+        ("compressed_sensing", 20, (2, 20), False),
+        ("blur", None, (2, 3, 8, 8), True),
+        ("super_resolution", 2, (2, 3, 4, 4), False),
+    ],
+)
+def test_make_problem_builds_every_problem(name, level, shape, observed):
+    from jpmap_core.operators import PROBLEMS, make_problem
+
+    assert name in PROBLEMS
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kernel = torch.full((3, 3), 1 / 9) if name in ("blur", "super_resolution") else None
+    p = make_problem(name, x, sigma=5, level=level, seed=0, kernel=kernel)
+    assert p.y.shape == shape and p.name == name and p.sigma == 5.0
+    assert (p.observation is not None) == observed
+    noiseless = make_problem(name, x, sigma=0, level=level, seed=0, kernel=kernel)
+    torch.testing.assert_close(noiseless.y, noiseless.op.A(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"name": "compressed sensing", "level": 10}, "unknown problem"),
+        ({"name": "inpainting", "level": 80}, "fraction of missing pixels"),
+        ({"name": "inpainting", "level": None}, "needs a level"),
+        ({"name": "compressed_sensing", "level": 0.5}, "number of measurements"),
+        ({"name": "denoising", "level": 25}, "takes no level"),
+        ({"name": "blur", "level": None}, "needs a 2D kernel"),
+    ],
+)
+def test_make_problem_refuses_bad_settings(kwargs, match):
+    from jpmap_core.operators import make_problem
+
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=match):
+        make_problem(kwargs["name"], x, sigma=10, level=kwargs["level"], seed=0)
+
+
+def test_make_problem_needs_exactly_one_source_of_randomness():
+    from jpmap_core.operators import make_problem
+
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="exactly one of seed"):
+        make_problem("denoising", x, sigma=10)
+    with pytest.raises(ValueError, match="exactly one of seed"):
+        make_problem("denoising", x, sigma=10, seed=0, generator=torch.Generator())

@@ -303,6 +303,17 @@ def check_problem(y: object, op: Any, vae: Prior, sigma: Sigma, x0: Tensor | Non
     return y, x0.detach(), sigma
 
 
+def require_gaussian_decoder(prior: object, method: str) -> None:
+    """JPMAP's coupling ``beta/2 ||x - mu_theta(z)||^2`` needs a Gaussian decoder ``N(mu_theta(z), gamma^2 I)``:
+    a prior with ``beta = 1/gamma^2`` (a :class:`~jpmap_core.models.GaussianVAE`)."""
+    check_prior(prior)
+    if not isinstance(getattr(prior, "beta", None), float):
+        raise TypeError(
+            f"{method} needs a prior with a Gaussian decoder N(mu_theta(z), gamma^2 I) and its beta = 1/gamma^2 "
+            f"(a GaussianVAE); {type(prior).__name__} has none"
+        )
+
+
 class Clock:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()

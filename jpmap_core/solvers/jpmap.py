@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..energy import J1, Sigma, as_beta, coupling, sigma_info
 from ..models import GaussianVAE
-from ._common import Clock, History, Restoration, check_problem
+from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder
 from .alternation import ALGORITHMS, Alternation, Data, Iterate
 
 
@@ -212,6 +212,7 @@ def jpmap(
     alpha_t, wanted = _check_options(
         algorithm, n1, n2, n_max, k_max, adam_max_iters, alpha, snapshots, tol, adam_lr, adam_tol
     )
+    require_gaussian_decoder(vae, "JPMAP")
     y, x, sigma = check_problem(y, op, vae, sigma, x0, init, eps_dagger)
     B, d = x.shape[0], x[0].numel()
     clock = Clock()

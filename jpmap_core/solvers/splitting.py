@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..energy import J1, Sigma, as_beta, sigma_info
 from ..models import GaussianVAE
-from ._common import Clock, History, Restoration, check_problem
+from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder
 from .alternation import Alternation, Data, Iterate
 
 #: the default schedule, in units of the decoder's ``1/gamma^2``: from Alg. 2.4's ``beta0 = 0.1/gamma^2`` up to
@@ -47,6 +47,7 @@ def mapz_splitting(
     ``history["objective"]`` is ``J_{1,beta_k}`` after each alternation, ``history["outer"]`` the index ``k`` of
     ``beta_k``; ``converged`` says whether the last beta's inner loop met the tolerance.
     """
+    require_gaussian_decoder(vae, "map-z splitting")
     if betas is None:
         betas = [f * vae.beta for f in DEFAULT_BETAS_GAMMA2]
     betas = [float(b) for b in betas]

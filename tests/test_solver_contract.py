@@ -1,0 +1,123 @@
+"""The contract of :data:`jpmap_core.solvers.SOLVERS`, checked for every registered solver on a tiny prior.
+
+A solver added to the registry gets these tests for free; it only needs an entry in :data:`TINY` (options that
+keep it fast here), and the first test fails until it has one. The tiny prior and problems are in float64, so that
+"batched equals alone" is tested to 1e-9: in float32 a batched matrix product may round differently from a single
+row's, and Adam's normalised steps carry such differences along a descent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from jpmap_core.models import MLPVAE, Prior
+from jpmap_core.operators import make_problem
+from jpmap_core.solvers import SOLVERS, Restoration, solve
+
+#: per solver, options that keep it to a fraction of a second on an 8x8 image with a 3-dim latent
+TINY = {
+    "csgm": {"max_iters": 40},
+    "jpmap": {"n1": 1, "n2": 2, "n_max": 3, "adam_max_iters": 20},
+    "mapz_splitting": {"maxiter": 3, "adam_max_iters": 20},
+}
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = MLPVAE(image_shape=SHAPE, latent_dim=3, hidden=(16,), gamma_init=0.1)
+    return vae.double().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, *SHAPE, generator=g, dtype=torch.float64)
+    return x, make_problem("inpainting", x, sigma=10, level=0.5, generator=g)
+
+
+def _solve(name, prior, y, op, sigma):
+    return solve(name, y, op, prior, sigma=sigma, **TINY[name])
+
+
+def test_every_registered_solver_has_tiny_options():
+    assert set(TINY) == set(SOLVERS), f"add tiny options for {sorted(set(SOLVERS) - set(TINY))} to TINY"
+
+
+def test_the_prior_of_these_tests_offers_the_prior_interface(prior):
+    assert isinstance(prior, Prior) and prior.latent_shape == (3,)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_returns_a_wellformed_restoration(name, prior, problem):
+    x_true, p = problem
+    r = _solve(name, prior, p.y, p.op, p.sigma)
+    B = x_true.shape[0]
+    assert isinstance(r, Restoration) and len(r) == B
+    assert r.x.shape == x_true.shape and r.x_decoded.shape == x_true.shape
+    assert r.z.shape == (B, *prior.latent_shape)
+    assert r.converged.shape == (B,) and r.converged.dtype == torch.bool
+    assert r.iterations.shape == (B,) and not r.iterations.is_floating_point() and bool((r.iterations >= 0).all())
+    for t in (r.x, r.x_decoded, r.z):
+        assert bool(torch.isfinite(t).all())
+    obj = r.history["objective"]
+    assert obj.dim() == 2 and obj.shape[1] == B, "history['objective'] is (T, B)"
+    last = torch.stack([col[~torch.isnan(col)][-1] for col in obj.T])  # every image recorded its objective
+    assert bool(torch.isfinite(last).all())
+    for key, v in r.per_image.items():
+        assert isinstance(v, torch.Tensor) and v.shape[0] == B, f"per_image[{key!r}] is batch-first"
+    assert r.info["method"] == name and r.info["seconds"] >= 0
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_batched_equals_alone(name, prior, problem):
+    _, p = problem
+    both = _solve(name, prior, p.y, p.op, p.sigma)
+    for b in range(p.y.shape[0]):
+        rows = torch.tensor([b])
+        one = _solve(name, prior, p.y[rows], p.op.rows(rows), p.sigma)
+        torch.testing.assert_close(both.x[rows], one.x, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(both.z[rows], one.z, rtol=1e-9, atol=1e-9)
+        assert bool(both.converged[b] == one.converged[0]) and int(both.iterations[b]) == int(one.iterations[0])
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_per_image_sigma_equals_each_sigma_alone(name, prior):
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, *SHAPE, generator=g, dtype=torch.float64)
+    sigmas = torch.tensor([5.0, 40.0])
+    y = torch.cat([make_problem("denoising", x[i : i + 1], sigma=float(s), seed=i).y for i, s in enumerate(sigmas)])
+    op = make_problem("denoising", x, sigma=1.0, seed=0).op
+    mixed = _solve(name, prior, y, op, sigmas)
+    for i, s in enumerate(sigmas.tolist()):
+        alone = _solve(name, prior, y[i : i + 1], op, s)
+        torch.testing.assert_close(mixed.x[i : i + 1], alone.x, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_refuses_bad_input_with_a_clear_message(name, prior, problem):
+    _, p = problem
+    y_nan = p.y.clone()
+    y_nan[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _solve(name, prior, y_nan, p.op, p.sigma)
+    for bad_sigma in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="sigma"):
+            _solve(name, prior, p.y, p.op, bad_sigma)
+    with pytest.raises(ValueError, match="sigma has 2 values"):
+        _solve(name, prior, p.y, p.op, torch.tensor([10.0, 10.0]))
+    with pytest.raises(ValueError, match="shape"):
+        _solve(name, prior, p.y[:, :, :4], p.op, p.sigma)
+    with pytest.raises(TypeError, match="not a prior"):
+        solve(name, p.y, p.op, object(), sigma=p.sigma)
+
+
+def test_solve_names_the_registered_methods_for_an_unknown_one(prior, problem):
+    _, p = problem
+    with pytest.raises(ValueError, match="registered solvers: csgm, jpmap"):
+        solve("pnp", p.y, p.op, prior, sigma=10)
