@@ -141,6 +141,12 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+def _shown(path: Path) -> str:
+    """``path`` with the user's home folder written ``~`` (reasons end up in committed metrics.json files)."""
+    home = Path.home()
+    return "~/" + str(path.relative_to(home)) if home in path.parents else str(path)
+
+
 def _lpips_state() -> tuple[bool, bool, str]:
     """``(available, official_weights, reason)``; never touches the network."""
     try:
@@ -152,8 +158,8 @@ def _lpips_state() -> tuple[bool, bool, str]:
         return (
             False,
             False,
-            f"LPIPS unavailable: torchvision AlexNet weights not in torch hub cache ({path}); they cannot be "
-            f"downloaded offline -- download {ALEXNET_WEIGHTS_URL} to {path} on a machine with internet "
+            f"LPIPS unavailable: torchvision AlexNet weights not in torch hub cache ({_shown(path)}); they cannot "
+            f"be downloaded offline -- download {ALEXNET_WEIGHTS_URL} to {_shown(path)} on a machine with internet "
             f"(or set TORCH_HOME to a directory whose hub/checkpoints holds it)",
         )
     st = path.stat()
@@ -162,11 +168,11 @@ def _lpips_state() -> tuple[bool, bool, str]:
         return (
             True,
             False,
-            f"LPIPS computed with {path}, whose sha256 starts with {digest[:8]}, not {_ALEXNET_SHA256_PREFIX}: "
+            f"LPIPS computed with {_shown(path)}, whose sha256 starts with {digest[:8]}, not {_ALEXNET_SHA256_PREFIX}: "
             f"these are not torchvision's ImageNet AlexNet weights, so the values are not comparable with "
             f"published LPIPS",
         )
-    return True, True, f"LPIPS available: AlexNet weights {path} (sha256 verified)"
+    return True, True, f"LPIPS available: AlexNet weights {_shown(path)} (sha256 verified)"
 
 
 def lpips_status() -> tuple[bool, str]:

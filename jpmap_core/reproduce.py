@@ -140,11 +140,30 @@ def select_notebooks(notebooks: Sequence[Path], only: Sequence[str] | None) -> l
     return [p for p in notebooks if p in chosen]
 
 
-def notebook_parameters(profile_params: Mapping[str, Any], *, profile: str, device: str, out_dir: Path) -> dict:
-    """What papermill injects: the profile's parameters plus PROFILE, SEED (default 0), DEVICE, OUT_DIR, INTERACTIVE."""
+def shown_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` as results record it: relative to ``root`` (the repository, or the notebook's folder) when it lies
+    inside, else absolute -- so that committed results name no folder of the machine that made them."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    if p == r or r in p.parents:
+        return os.path.relpath(p, r)
+    return str(p)
+
+
+def notebook_parameters(
+    profile_params: Mapping[str, Any], *, profile: str, device: str, out_dir: Path, cwd: Path | None = None
+) -> dict:
+    """What papermill injects: the profile's parameters plus PROFILE, SEED (default 0), DEVICE, OUT_DIR, INTERACTIVE.
+
+    ``OUT_DIR`` is relative to ``cwd`` (the folder the notebook runs in) when ``out_dir`` lies in ``cwd``'s parent
+    (the repository), else absolute."""
     params = {"PROFILE": profile, "SEED": 0, "DEVICE": device}
     params.update(profile_params)
-    params.update(OUT_DIR=str(Path(out_dir).resolve()), INTERACTIVE=False)
+    out = Path(out_dir).resolve()
+    if cwd is not None and (Path(cwd).resolve().parent in out.parents):
+        shown = os.path.relpath(out, Path(cwd).resolve())
+    else:
+        shown = str(out)
+    params.update(OUT_DIR=shown, INTERACTIVE=False)
     return params
 
 
@@ -402,7 +421,9 @@ def _run_one(
             pm.execute_notebook(
                 nb_path,
                 executed,
-                parameters=notebook_parameters(params, profile=profile, device=device, out_dir=staging),
+                parameters=notebook_parameters(
+                    params, profile=profile, device=device, out_dir=staging, cwd=nb_path.parent
+                ),
                 kernel_name=kernel,
                 language="python",
                 cwd=nb_path.parent,
@@ -497,7 +518,11 @@ def run_notebooks(
             results.append(result)
             if progress:
                 bar.write(f"{result.status:>7}  {result.notebook}  ({result.seconds:.1f} s)")
+    repo = nb_dir.parent
     rows = [{k: v for k, v in asdict(r).items() if k != "metrics"} for r in results]
+    for row in rows:  # committed summaries name folders relative to the repository
+        if row.get("out_dir"):
+            row["out_dir"] = shown_path(row["out_dir"], repo)
     # A partial run (--only) updates its notebooks' rows and keeps the others of the same profile.
     try:
         previous = json.loads((out_path / "summary.json").read_text())
@@ -512,7 +537,7 @@ def run_notebooks(
         "device": device,
         "strict": strict,
         "started": started,
-        "notebooks_dir": str(nb_dir),
+        "notebooks_dir": shown_path(nb_dir, repo),
         "overrides": dict(overrides or {}),
         "results": rows,
     }

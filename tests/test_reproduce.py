@@ -92,7 +92,8 @@ def test_parameters_are_injected_and_outputs_land_in_out_dir(smoke_run, notebook
     assert metrics["profile"] == "smoke" and metrics["device"] == "cpu"
     assert metrics["n_images"] == 2 and metrics["seed"] == 7  # from profiles.yaml
     assert metrics["interactive"] is False
-    assert Path(metrics["out_dir"]).is_absolute() and Path(metrics["out_dir"]).parent == out.resolve()
+    # OUT_DIR is relative to the notebook's folder (the kernel's working directory) when both share a parent
+    assert (notebooks_dir / metrics["out_dir"]).resolve().parent == out.resolve()
     assert Path(metrics["cwd"]) == notebooks_dir.resolve()  # run where the notebook lives
     assert (out / "01_ok" / "fig1.png").is_file()
     executed = nbformat.read(out / "01_ok" / "01_ok.ipynb", as_version=4)
@@ -269,3 +270,29 @@ def test_set_is_checked_before_anything_runs(notebooks_dir, tmp_path):
     with pytest.raises(ReproduceError, match="no selected notebook has such a parameter"):
         run_notebooks("smoke", out=tmp_path, notebooks_dir=notebooks_dir, progress=False, overrides={"WORKERS": 2})
     assert not list(tmp_path.iterdir())
+
+
+def test_out_dir_is_injected_relative_to_the_notebook_folder_inside_the_repository(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    params = reproduce.notebook_parameters(
+        {}, profile="smoke", device="cpu", out_dir=repo / "figures" / "smoke" / "02", cwd=repo / "notebooks"
+    )
+    assert params["OUT_DIR"] == "../figures/smoke/02"
+    outside = reproduce.notebook_parameters(
+        {}, profile="smoke", device="cpu", out_dir=tmp_path / "x", cwd=repo / "notebooks"
+    )
+    assert outside["OUT_DIR"] == str((tmp_path / "x").resolve())
+
+
+def test_shown_path_is_relative_inside_the_root_and_absolute_outside(tmp_path):
+    assert reproduce.shown_path(tmp_path / "a" / "b", tmp_path) == "a/b"
+    assert reproduce.shown_path(tmp_path, tmp_path / "a") == str(tmp_path.resolve())
+
+
+def test_committed_summaries_name_no_folder_of_the_machine():
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted((root / "figures").glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        folders = [summary["notebooks_dir"]] + [r["out_dir"] for r in summary["results"]]
+        assert not any(Path(f).is_absolute() for f in folders), f"{path.relative_to(root)}: {folders}"
