@@ -109,7 +109,7 @@ def step_cost(vae, b: int, repeats: int = 200, device: str | torch.device = "cpu
     """Seconds of one batched Adam step (decoder forward + backward + update) on ``b`` images (the mean of
     ``repeats`` steps after 20 warm-up steps; synchronised on a GPU)."""
     from jpmap_core.energy import coupling
-    from jpmap_core.solvers._common import AdamPool
+    from jpmap_core.solvers import AdamPool
 
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)

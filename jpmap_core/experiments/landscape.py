@@ -31,7 +31,7 @@ from .._checks import check_positive
 from ..energy import J1_z, as_beta
 from ..models import GaussianVAE
 from ..models.vae import LOG_2PI
-from ..solvers._common import adam_minimize
+from ..solvers import adam_minimize
 
 
 def _check_x(vae: GaussianVAE, x: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ def exact_vs_encoder_optimum(
     """The exact z-optimum against the encoder's, per image (Figure 3(b)-(d)).
 
     ``z_exact = argmin_z H_theta(x, z) + 1/2 ||z||^2`` (the MAP of the true posterior ``p_theta(z|x)``) by
-    batched Adam (:func:`~jpmap_core.solvers._common.adam_minimize`, lr 0.01 as the paper, stopping when
+    batched Adam (:func:`~jpmap_core.solvers.adam_minimize`, lr 0.01 as the paper, stopping when
     ``||grad_z J1||_2 / l < tol``; with ``beta = 1/gamma^2`` of order 100 the default ``1e-4`` leaves ``z_exact``
     within about ``1e-5`` of the minimiser) **started from** ``z_enc = mu_phi(x)`` (eq. 2.11) -- so it is the
     local minimiser that the encoder leads to (Figure 4 checks whether it is the global one). Returns ``z_enc``,
@@ -243,7 +243,7 @@ def multistart_descent(
     per-row energies summed: Adam is elementwise and the rows do not interact, so each row follows exactly the
     Adam trajectory it would follow alone. With ``stop_tol=None`` every row takes ``steps`` steps. With a
     ``stop_tol`` a row stops at the first iterate where ``||grad_z J1||_2 / l < stop_tol`` (the rule of
-    :func:`~jpmap_core.solvers._common.adam_minimize`, here on ``J1`` itself, not on ``J1 / beta`` as in the
+    :func:`~jpmap_core.solvers.adam_minimize`, here on ``J1`` itself, not on ``J1 / beta`` as in the
     solvers) and keeps that iterate for the remaining iterations (its energy and z are recorded as constant), so
     that finished rows cost nothing.
 

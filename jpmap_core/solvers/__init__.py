@@ -24,6 +24,9 @@ Methods:
 * ``"jpmap"`` -- :func:`jpmap`, JPMAP Algorithms 2.1, 2.2, 2.3 and (with ``alpha``) 2.4
 * ``"mapz_splitting"`` -- :func:`mapz_splitting`, JPMAP Algorithm 1.1
 
+:class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
+descents the solvers share, exported for experiments that run their own descents.
+
 :func:`solve` runs a method by name (what benchmarks, notebooks and the explorer use instead of chains of ``if``).
 """
 
@@ -34,7 +37,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._common import Restoration, adam_minimize
+from ._common import AdamPool, Restoration, adam_minimize
 from .csgm import csgm
 from .jpmap import jpmap
 from .splitting import mapz_splitting
@@ -52,4 +55,4 @@ def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options:
     return SOLVERS[method](y, op, prior, sigma=sigma, **options)
 
 
-__all__ = ["SOLVERS", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
+__all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
