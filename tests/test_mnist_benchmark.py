@@ -322,3 +322,42 @@ def test_worker_processes_give_the_results_of_one_process(small_run, vae, digits
         torch.testing.assert_close(rec.psnr, ref.psnr, rtol=0, atol=0)
         assert torch.equal(rec.outer_iterations, ref.outer_iterations) if method != "csgm" else True
     assert len(pooled.records) == 3 * 4 and set(pooled.seconds) == {"denoising", "inpainting"}
+
+
+def test_calls_run_batch_after_batch_and_each_method_gets_its_own_rows(monkeypatch, vae, digits):
+    """The plan of a run: per batch (the merge mode's), CSGM, then JPMAP with fixed beta, then the Alg. 2.4 methods in
+    one call; each (problem, level, method) record holds the rows its method restored. A fake solver writes a
+    method's own value into its rows (the registry is what ``solve`` calls)."""
+    from jpmap_core.solvers import Restoration
+
+    def fake(value):
+        def solver(y, op, prior, *, sigma, alpha=None, **options):
+            b = y.shape[0]
+            v = torch.as_tensor(value if alpha is None else alpha / 10, dtype=torch.float32).expand(b)
+            x = v.reshape(b, 1, 1, 1).expand(b, 1, 28, 28).clone()
+            outer = {} if alpha is None else {"outer_iterations": torch.full((b,), 2)}
+            return Restoration(x, torch.zeros(b, 1), x, torch.ones(b, dtype=torch.bool), torch.zeros(b),
+                               info={"batched_steps": 1}, per_image=outer)  # fmt: skip
+
+        return solver
+
+    monkeypatch.setitem(SOLVERS, "csgm", fake(0.0))
+    monkeypatch.setitem(SOLVERS, "jpmap", fake(0.25))
+    value = {"csgm": 0.0, "jpmap_fixed_beta": 0.25, "jpmap_alpha1": 0.1, "jpmap_alpha5": 0.5, "jpmap_alpha10": 1.0}
+    levels = {"denoising": [50, 110], "compressed_sensing": [40], "inpainting": [0.5, 0.8]}
+    batches = {
+        "none": [["denoising"], ["denoising"], ["compressed_sensing"], ["inpainting"], ["inpainting"]],
+        "inpainting": [["denoising"], ["denoising"], ["compressed_sensing"], ["inpainting"]],
+        "levels": [["denoising"], ["compressed_sensing"], ["inpainting"]],
+        "all": [["compressed_sensing", "denoising", "inpainting"]],
+    }
+    alphas = ["jpmap_alpha1", "jpmap_alpha5", "jpmap_alpha10"]
+    for merge, problems in batches.items():
+        b = mb.run_benchmark(digits, vae, levels, budget=TINY, merge=merge)
+        plan = [(c["methods"], c["problems"]) for c in b.calls]
+        assert plan == [(m, p) for p in problems for m in (["csgm"], ["jpmap_fixed_beta"], alphas)], merge
+        assert sum(c["images"] for c in b.calls) == 5 * len(mb.METHODS) * digits.shape[0]
+        assert len(b.records) == 5 * len(mb.METHODS)
+        for (problem, key, method), rec in b.records.items():
+            assert torch.equal(rec.x, torch.full_like(digits, value[method])), (merge, problem, key, method)
+            assert (rec.outer_iterations is None) == (method not in mb.ALPHAS)

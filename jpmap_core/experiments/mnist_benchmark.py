@@ -35,7 +35,7 @@ import os
 import textwrap
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,13 +343,49 @@ class Benchmark:
 
 @dataclass
 class _Solved:
-    """What a solver call hands back (on the CPU): the restorations, clamped, and how each image stopped."""
+    """What a solver call hands back (on the CPU): the restorations, clamped, and how each image stopped.
+
+    ``cached``: loaded from the call cache instead of computed (``seconds`` are then those of the run that computed it).
+    """
 
     x: Tensor
     converged: Tensor
     outer_iterations: Tensor | None
     seconds: float
     batched_steps: int
+    cached: bool = False
+
+
+@dataclass
+class _Call:
+    """One solver call of a run: ``method`` restores every image of ``batch``.
+
+    ``method`` is one of :data:`METHODS`, or a tuple of Alg. 2.4 methods that share the call: ``batch`` then holds one
+    block of images per method (:func:`_tile`) and ``jpmap`` gets a per-image ``alpha`` (:func:`_solve_call`).
+    """
+
+    batch: Degraded
+    method: str | tuple[str, ...]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods whose restorations the call computes, in the order of their blocks of images."""
+        return self.method if isinstance(self.method, tuple) else (self.method,)
+
+    @property
+    def images(self) -> int:
+        """The rows of the batch: images x (problem, level) parts x methods."""
+        return len(self.batch.levels)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """The rows of a call's result that restore the images at one (problem, level) with one method."""
+
+    problem: str
+    level: float
+    method: str
+    rows: slice
 
 
 def _tile(batch: Degraded, k: int) -> Degraded:
@@ -450,10 +486,28 @@ def run_benchmark(
     ``workers > 1`` (CPU only; ignored on other devices) runs the calls in that many processes with one torch
     thread each (the calls are independent, so the results are those of ``workers = 1``; ``Benchmark.seconds``
     then adds up the calls' own times, not the wall time). ``progress``: a ``tqdm.auto`` bar over the calls.
-    """
-    from tqdm.auto import tqdm
 
+    Steps, in order: :func:`_new_benchmark` (the arguments checked), :func:`_degrade_levels` (measurements, Fig. 7
+    observations, PSNR of ``x0``), :func:`_batches` (the parts merged as ``merge`` says), :func:`_plan_calls` (one
+    call per batch and method), :func:`_run_calls` (each call loaded from the cache or computed) and
+    :func:`_assemble` (scores, records, seconds).
+    """
     budget = budget or Budget()
+    _check_arguments(levels, methods, workers)
+    x = x.detach().cpu()
+    dev = torch.device(device)
+    merge = resolve_merge(merge, dev)
+    bench = _new_benchmark(x, levels, methods, budget)
+    parts = _degrade_levels(bench, seed)
+    calls = _plan_calls(_batches(parts, merge), bench.methods, merge_alphas)
+    solved = _run_calls(calls, vae, budget, dev, workers=workers, cache=cache, progress=progress)
+    _assemble(bench, calls, solved)
+    return bench
+
+
+# ---- the steps of run_benchmark, in order ---------------------------------------------------------------------
+def _check_arguments(levels: Mapping[str, Sequence[float]], methods: Sequence[str], workers: int) -> None:
+    """Refuse unknown methods and problems, and a number of workers that is not an integer >= 1."""
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
@@ -462,123 +516,213 @@ def run_benchmark(
         raise ValueError(f"unknown problems {unknown}; expected keys among {PROBLEMS}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    x = x.detach().cpu()
-    dev = torch.device(device)
-    merge = resolve_merge(merge, dev)
+
+
+def _new_benchmark(
+    x: Tensor, levels: Mapping[str, Sequence[float]], methods: Sequence[str], budget: Budget
+) -> Benchmark:
+    """An empty :class:`Benchmark` of the images ``x`` (CPU): the problems that have levels, in :data:`PROBLEMS`
+    order, their levels checked (:func:`_check_level`, distinct), and whether LPIPS can be computed."""
     available, reason = lpips_status()
-    bench = Benchmark(
-        x_true=x,
-        levels={p: [_check_level(p, lv) for lv in levels[p]] for p in PROBLEMS if p in levels and levels[p]},
-        methods=list(methods),
-        budget=budget,
-        lpips_available=available,
-        lpips_reason=reason,
-    )
-    batches: list[Degraded] = []
-    everything: list[Degraded] = []
-    for problem, lvls in bench.levels.items():
+    checked = {p: [_check_level(p, lv) for lv in levels[p]] for p in PROBLEMS if p in levels and levels[p]}
+    for problem, lvls in checked.items():
         if len({level_key(lv) for lv in lvls}) != len(lvls):
             raise ValueError(f"{problem} levels must be distinct, got {lvls}")
-        parts = [degrade(problem, lv, x, seed) for lv in lvls]
-        for lv, part in zip(lvls, parts, strict=True):
+    return Benchmark(
+        x_true=x, levels=checked, methods=list(methods), budget=budget, lpips_available=available, lpips_reason=reason
+    )
+
+
+def _degrade_levels(bench: Benchmark, seed: int) -> dict[str, list[Degraded]]:
+    """The images degraded at every level of every problem (:func:`degrade`: each level draws from its own
+    generator), one part per level; notes in ``bench`` each level's observation (Fig. 7) and the PSNR of
+    ``x0 = A_dagger y`` clamped to [0, 1] (§3.4)."""
+    parts: dict[str, list[Degraded]] = {}
+    for problem, lvls in bench.levels.items():
+        parts[problem] = [degrade(problem, lv, bench.x_true, seed) for lv in lvls]
+        for lv, part in zip(lvls, parts[problem], strict=True):
             bench.observations[(problem, level_key(lv))] = part.observation
-            bench.x0_psnr[(problem, level_key(lv))] = psnr(part.op.A_dagger(part.y).clamp(0, 1), x)
-        if merge == "all":
-            everything += parts
-        elif merge == "levels" or (merge == "inpainting" and problem == "inpainting"):
-            batches.append(_merge(parts))
+            bench.x0_psnr[(problem, level_key(lv))] = psnr(part.op.A_dagger(part.y).clamp(0, 1), bench.x_true)
+    return parts
+
+
+def _batches(parts: Mapping[str, Sequence[Degraded]], merge: str) -> list[Degraded]:
+    """The batches of a run under a resolved ``merge`` mode (:func:`resolve_merge`), parts merged by :func:`_merge`:
+    every part in one batch (``"all"``), one batch per problem (``"levels"``), the inpainting levels in one batch
+    and every other part alone (``"inpainting"``), or every part alone (``"none"``)."""
+    if merge == "all":
+        everything = [p for ps in parts.values() for p in ps]
+        return [_merge(everything)] if everything else []
+    batches: list[Degraded] = []
+    for problem, ps in parts.items():
+        if merge == "levels" or (merge == "inpainting" and problem == "inpainting"):
+            batches.append(_merge(ps))
         else:
-            batches.extend(parts)
-    if everything:
-        batches.append(_merge(everything))
+            batches.extend(ps)
+    return batches
+
+
+def _plan_calls(batches: Sequence[Degraded], methods: Sequence[str], merge_alphas: bool) -> list[_Call]:
+    """The solver calls, batch after batch: one per method; with ``merge_alphas`` and several Alg. 2.4 methods,
+    those share one call on the batch tiled once per alpha (:func:`_tile`), after the other methods."""
     alpha_methods = tuple(m for m in methods if m in ALPHAS)
     grouped = merge_alphas and len(alpha_methods) > 1
-    jobs: list[tuple[Degraded, str | tuple[str, ...]]] = []
+    calls: list[_Call] = []
     for b in batches:
-        jobs += [(b, m) for m in methods if not (grouped and m in ALPHAS)]
+        calls += [_Call(b, m) for m in methods if not (grouped and m in ALPHAS)]
         if grouped:
-            jobs.append((_tile(b, len(alpha_methods)), alpha_methods))
-    bar = tqdm(total=len(jobs), desc="solver calls", disable=not progress)
-    results: dict[int, _Solved] = {}
-    keys: dict[int, str] = {}
+            calls.append(_Call(_tile(b, len(alpha_methods)), alpha_methods))
+    return calls
+
+
+def _run_calls(
+    calls: Sequence[_Call],
+    vae,
+    budget: Budget,
+    device: torch.device,
+    *,
+    workers: int,
+    cache: str | os.PathLike | None,
+    progress: bool,
+) -> list[_Solved]:
+    """The result of every call, in ``calls`` order: loaded from the folder ``cache`` when it holds the call, else
+    computed -- in ``workers`` processes on the CPU (:func:`_compute_in_processes`), else here on ``device`` -- and
+    saved there as soon as it finishes (so that an interrupted run keeps what it finished)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(calls), desc="solver calls", disable=not progress)
     store = None if cache is None else CallCache(cache, vae)
-    if store is not None:
-        for i, (batch, method) in enumerate(jobs):
-            keys[i] = store.key(method, sorted(vars(budget).items()), batch.sigma, batch.op, batch.y)
-            hit = store.load(keys[i])
-            if hit is not None:
-                t, meta = hit
-                results[i] = _Solved(
-                    x=t["x"], converged=t["converged"].bool(), outer_iterations=t.get("outer_iterations"),
-                    seconds=float(meta["seconds"]), batched_steps=int(meta["batched_steps"]),
-                )  # fmt: skip
-                bar.update()
-    cached = set(results)
-    todo = [i for i in range(len(jobs)) if i not in results]
+    keys = [] if store is None else [_cache_key(store, call, budget) for call in calls]
+    results: dict[int, _Solved] = {} if store is None else _load_finished(store, keys)
+    bar.update(len(results))
 
     def done(i: int, out: _Solved) -> None:
         results[i] = out
         if store is not None:
-            t = {"x": out.x, "converged": out.converged.to(torch.uint8)}
-            if out.outer_iterations is not None:
-                t["outer_iterations"] = out.outer_iterations
-            meta = {"seconds": out.seconds, "batched_steps": out.batched_steps, "method": jobs[i][1]}
-            store.save(keys[i], t, meta)
+            store.save(keys[i], *_cache_entry(calls[i], out))
         bar.update()
 
-    if workers > 1 and dev.type == "cpu" and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        def rank(i: int) -> tuple[int, int]:
-            m = jobs[i][1]
-            return (-1 if isinstance(m, tuple) else _COST_RANK[m], -len(jobs[i][0].levels))
-
-        order = sorted(todo, key=rank)
-        ctx = mp.get_context("spawn")  # a clean interpreter: safe under Jupyter's threads, whatever the platform
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
-                                 initargs=(vae, 1)) as pool:  # fmt: skip
-            futures = {pool.submit(_worker_call, jobs[i][1], jobs[i][0], budget): i for i in order}
-            for f in as_completed(futures):
-                done(futures[f], f.result())
+    todo = [i for i in range(len(calls)) if i not in results]
+    if workers > 1 and device.type == "cpu" and len(todo) > 1:
+        _compute_in_processes(calls, todo, vae, budget, workers, done)
     else:
         for i in todo:
-            batch, method = jobs[i]
-            done(i, _solve_call(method, batch, vae, budget, dev))
+            done(i, _solve_call(calls[i].method, calls[i].batch, vae, budget, device))
     bar.close()
-    n = x.shape[0]
-    for i, (batch, group) in enumerate(jobs):
-        out = results[i]
-        names = group if isinstance(group, tuple) else (group,)
-        rows_total = len(batch.levels)
-        bench.calls.append(
-            {
-                "methods": list(names),
-                "problems": sorted(set(batch.problems)),
-                "images": rows_total,
-                "seconds": out.seconds,
-                "batched_steps": out.batched_steps,
-                "cached": i in cached,
-            }
-        )
-        s = score(out.x, x.repeat(rows_total // n, 1, 1, 1), with_lpips=available)
-        per_method = rows_total // len(names)
-        for j in range(0, rows_total, n):
-            method, problem = names[j // per_method], batch.problems[j]
-            bench.seconds.setdefault(problem, {}).setdefault(method, 0.0)
-            bench.seconds[problem][method] += out.seconds * n / rows_total  # this chunk's share of the call
-            rows = slice(j, j + n)
-            bench.records[(problem, level_key(batch.levels[j]), method)] = Record(
-                x=out.x[rows],
-                psnr=s["psnr"][rows],
-                ssim=s["ssim"][rows],
-                lpips=s["lpips"][rows],
-                converged=out.converged[rows],
-                outer_iterations=None if out.outer_iterations is None else out.outer_iterations[rows],
-            )
+    return [results[i] for i in range(len(calls))]
+
+
+def _cache_key(store: CallCache, call: _Call, budget: Budget) -> str:
+    """The call's key in the cache: everything that decides its result, by value. Changing what goes in here
+    changes every key, and users' interrupted runs would no longer find their finished calls."""
+    return store.key(call.method, sorted(vars(budget).items()), call.batch.sigma, call.batch.op, call.batch.y)
+
+
+def _cache_entry(call: _Call, out: _Solved) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and metadata that :meth:`CallCache.save` writes for a finished call (:func:`_from_cache` reads
+    them back)."""
+    tensors = {"x": out.x, "converged": out.converged.to(torch.uint8)}
+    if out.outer_iterations is not None:
+        tensors["outer_iterations"] = out.outer_iterations
+    return tensors, {"seconds": out.seconds, "batched_steps": out.batched_steps, "method": call.method}
+
+
+def _from_cache(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> _Solved:
+    """A finished call as :func:`_cache_entry` saved it."""
+    return _Solved(
+        x=tensors["x"],
+        converged=tensors["converged"].bool(),
+        outer_iterations=tensors.get("outer_iterations"),
+        seconds=float(meta["seconds"]),
+        batched_steps=int(meta["batched_steps"]),
+        cached=True,
+    )
+
+
+def _load_finished(store: CallCache, keys: Sequence[str]) -> dict[int, _Solved]:
+    """``{index: result}`` of the calls (given by their keys) that the cache holds, readable."""
+    found: dict[int, _Solved] = {}
+    for i, key in enumerate(keys):
+        hit = store.load(key)
+        if hit is not None:
+            found[i] = _from_cache(*hit)
+    return found
+
+
+def _start_rank(call: _Call) -> tuple[int, int]:
+    """The order in which a pool starts the calls: the merged alphas, then by :data:`_COST_RANK`, larger first."""
+    return (-1 if isinstance(call.method, tuple) else _COST_RANK[call.method], -call.images)
+
+
+def _compute_in_processes(
+    calls: Sequence[_Call],
+    todo: Sequence[int],
+    vae,
+    budget: Budget,
+    workers: int,
+    done: Callable[[int, _Solved], None],
+) -> None:
+    """Compute the calls ``todo`` (indices into ``calls``) in ``workers`` fresh processes with one torch thread
+    each, the longest first (:func:`_start_rank`); ``done(index, result)`` as each one finishes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    order = sorted(todo, key=lambda i: _start_rank(calls[i]))
+    ctx = mp.get_context("spawn")  # a clean interpreter: safe under Jupyter's threads, whatever the platform
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+                             initargs=(vae, 1)) as pool:  # fmt: skip
+        futures = {pool.submit(_worker_call, calls[i].method, calls[i].batch, budget): i for i in order}
+        for f in as_completed(futures):
+            done(futures[f], f.result())
+
+
+def _assemble(bench: Benchmark, calls: Sequence[_Call], solved: Sequence[_Solved]) -> None:
+    """Fill ``bench`` from the results: each call's summary in ``bench.calls``, a scored :class:`Record` per
+    (problem, level, method), and the calls' seconds per problem and method (:data:`METHODS` order)."""
+    n = bench.n_images
+    for call, out in zip(calls, solved, strict=True):
+        bench.calls.append(_call_summary(call, out))
+        s = score(out.x, bench.x_true.repeat(call.images // n, 1, 1, 1), with_lpips=bench.lpips_available)
+        for part in _parts(call, n):
+            seconds = bench.seconds.setdefault(part.problem, {})
+            seconds.setdefault(part.method, 0.0)
+            seconds[part.method] += out.seconds * n / call.images  # this part's share of the call
+            bench.records[(part.problem, level_key(part.level), part.method)] = _record(out, s, part.rows)
     for problem in bench.seconds:  # METHODS order, whatever order the calls finished in
         bench.seconds[problem] = {m: bench.seconds[problem][m] for m in bench.methods}
-    return bench
+
+
+def _call_summary(call: _Call, out: _Solved) -> dict[str, Any]:
+    """A row of ``Benchmark.calls``: what the call restored and what it cost."""
+    return {
+        "methods": list(call.methods),
+        "problems": sorted(set(call.batch.problems)),
+        "images": call.images,
+        "seconds": out.seconds,
+        "batched_steps": out.batched_steps,
+        "cached": out.cached,
+    }
+
+
+def _parts(call: _Call, n: int) -> list[_Part]:
+    """The call's result cut into its (problem, level, method) parts of ``n`` rows each, in row order."""
+    per_method = call.images // len(call.methods)
+    return [
+        _Part(call.batch.problems[j], call.batch.levels[j], call.methods[j // per_method], slice(j, j + n))
+        for j in range(0, call.images, n)
+    ]
+
+
+def _record(out: _Solved, scores: Mapping[str, Tensor], rows: slice) -> Record:
+    """The :class:`Record` of the rows ``rows`` of a call's result, with their scores."""
+    return Record(
+        x=out.x[rows],
+        psnr=scores["psnr"][rows],
+        ssim=scores["ssim"][rows],
+        lpips=scores["lpips"][rows],
+        converged=out.converged[rows],
+        outer_iterations=None if out.outer_iterations is None else out.outer_iterations[rows],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
