@@ -37,12 +37,12 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    """The shared offline data: ``$JPMAP_DATA_DIR`` (CI), else ``../shared/data`` next to the repository."""
+    """The data folder where the loaders look: ``$JPMAP_DATA_DIR``, else the repository's ``data/``."""
     candidates = []
     if os.environ.get("JPMAP_DATA_DIR"):
         env = Path(os.environ["JPMAP_DATA_DIR"])
         candidates.append(env if env.is_absolute() else REPO / env)
-    candidates.append(REPO.parent / "shared" / "data")
+    candidates.append(REPO / "data")
     for c in candidates:
         if (c / "MNIST" / "raw").is_dir():
             return c
