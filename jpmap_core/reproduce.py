@@ -40,7 +40,7 @@ from typing import Any
 import nbformat
 import yaml
 
-from ._io import atomic_write_json
+from ._io import atomic_write, atomic_write_json
 
 PROFILES = ("smoke", "default", "paper")
 RESERVED = ("PROFILE", "DEVICE", "OUT_DIR", "INTERACTIVE")  # set by the runner, never by profiles.yaml
@@ -147,6 +147,19 @@ def shown_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
     if p == r or r in p.parents:
         return os.path.relpath(p, r)
     return str(p)
+
+
+def relative_papermill_paths(executed: Path, source: Path, final: Path) -> None:
+    """Write papermill's ``input_path`` / ``output_path`` of an executed notebook relative to the repository (the
+    notebooks folder's parent) and name its final place, so that committed notebooks name no folder of the machine."""
+    repo = source.resolve().parent.parent
+    nb = nbformat.read(executed, as_version=4)
+    pm_meta = nb.metadata.get("papermill")
+    if pm_meta is None:
+        return
+    pm_meta["input_path"] = shown_path(source, repo)
+    pm_meta["output_path"] = shown_path(final, repo)
+    atomic_write(executed, lambda tmp: nbformat.write(nb, tmp))
 
 
 def notebook_parameters(
@@ -454,6 +467,7 @@ def _run_one(
                 cell_source=info["cell_source"],
             )
         seconds = time.perf_counter() - start
+        relative_papermill_paths(executed, nb_path, final / nb_path.name)
         _replace_dir(staging, final)
         shutil.rmtree(failed, ignore_errors=True)  # an older failure is no longer the state of this notebook
         metrics = None

@@ -86,6 +86,15 @@ def smoke_run(notebooks_dir, tmp_path_factory):
     return code, buffer.getvalue(), out
 
 
+def test_executed_notebook_names_its_source_and_place_relative_to_the_repository(smoke_run, notebooks_dir):
+    _, _, out = smoke_run
+    meta = nbformat.read(out / "01_ok" / "01_ok.ipynb", as_version=4).metadata["papermill"]
+    repo = notebooks_dir.parent  # the notebooks folder's parent stands for the repository
+    assert meta["input_path"] == f"{notebooks_dir.name}/01_ok.ipynb"
+    assert (repo / meta["output_path"]).resolve() == (out / "01_ok" / "01_ok.ipynb").resolve()
+    assert not Path(meta["output_path"]).is_absolute()
+
+
 def test_parameters_are_injected_and_outputs_land_in_out_dir(smoke_run, notebooks_dir):
     _, _, out = smoke_run
     metrics = json.loads((out / "01_ok" / "metrics.json").read_text())
