@@ -16,6 +16,7 @@ from jpmap_core.experiments.landscape import (
     posterior_slice,
     random_plane,
     slice_summary,
+    slice_through_optimum,
 )
 from jpmap_core.models import MLPVAE
 
@@ -309,3 +310,26 @@ def test_summary_has_no_stuck_fraction_when_every_start_reaches():
     s = multistart_summary(res)
     assert math.isnan(s["stuck_start_above_encoder_frac"]) and math.isnan(s["stuck_energy_gap_median"])
     assert s["frac_random_reaching_optimum"] == 1.0 and s["speedup_encoder_vs_random"] == pytest.approx(2.5)
+
+
+def test_slice_through_optimum_holds_both_centres_and_finds_the_exact_optimum_as_the_minimum_of_H(tiny, images):
+    """On the plane through mu_phi(x) and z*, mu_phi(x) sits at (0, 0) (where K is lowest) and z* at (d, 0) with d
+    its distance in encoder stds; z* minimises H in all of z-space, so H's grid minimum is the grid point next to
+    it."""
+    opt = exact_vs_encoder_optimum(tiny, images, tol=1e-6, max_iters=20000)
+    n = 81
+    r = slice_through_optimum(tiny, images, opt["z_exact"], n_grid=n, margin=1.0,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    d = r["distance"]
+    torch.testing.assert_close(d, opt["latent_gap_std"].to(d), rtol=1e-4, atol=1e-5)
+    u = r["directions"]
+    torch.testing.assert_close(torch.einsum("bkl,bml->bkm", u, u), torch.eye(2).expand(3, 2, 2), atol=1e-5, rtol=0)
+    step1 = r["s1"][:, 1] - r["s1"][:, 0]
+    step2 = r["s2"][:, 1] - r["s2"][:, 0]
+    torch.testing.assert_close(step1, step2)  # a square window: K's contours stay circles
+    assert bool((r["s1"][:, 0] <= 0).all() and (r["s1"][:, -1] >= d).all()), "both centres inside the window"
+    k_arg = r["K"].flatten(1).argmin(1)
+    assert bool((r["s1"].gather(1, (k_arg % n)[:, None]).squeeze(1).abs() <= step1).all())
+    assert bool(((r["H_argmin"][:, 0] - d).abs() <= step1).all() and (r["H_argmin"][:, 1].abs() <= step2).all())
+    with pytest.raises(ValueError, match="z_star must have shape"):
+        slice_through_optimum(tiny, images, opt["z_exact"][:2])

@@ -110,6 +110,65 @@ def posterior_slice(
 
 
 @torch.no_grad()
+def slice_through_optimum(
+    vae: GaussianVAE,
+    x: Tensor,
+    z_star: Tensor,
+    *,
+    n_grid: int = 61,
+    margin: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The energies of :func:`posterior_slice` on the plane through ``mu_phi(x)`` and ``z_star`` (e.g. the exact
+    optimum) and one random direction orthogonal to the line joining them: a window that holds both centres.
+
+    Coordinates are encoder standard deviations, as in :func:`posterior_slice`: with ``w = Sigma^{-1/2}(z_star -
+    mu)`` and ``d = ||w||``, the first direction is ``u1 = w / d``, the second a random unit vector orthogonal to it
+    (from ``generator``), and the grid is ``z[b, i, j] = mu + Sigma^{1/2}(s1[b, j] u1 + s2[b, i] u2)`` with
+    ``s1 = linspace(-margin, d + margin)``, ``s2 = linspace(-(d/2 + margin), d/2 + margin)`` (a square window, so
+    ``K``'s contours stay circles). ``mu_phi(x)`` sits at ``(0, 0)`` and ``z_star`` at ``(d, 0)``.
+
+    Returns ``s1``, ``s2`` ``(B, n)``, ``distance`` ``d (B,)``, ``directions (B, 2, l)``, ``mu``, ``logvar``,
+    ``H``, ``K`` ``(B, n, n)`` and ``H_argmin`` ``(B, 2)``: the grid point where ``H`` is lowest, in ``(s1, s2)``.
+    """
+    x = _check_x(vae, x)
+    n = _positive_int(n_grid, "n_grid")
+    margin = check_positive(margin, "margin")
+    mu, logvar = vae.encode(x)
+    bsz, ldim = mu.shape
+    if ldim < 2:
+        raise ValueError(f"a 2D slice needs latent_dim >= 2, got {ldim}")
+    if not isinstance(z_star, Tensor) or tuple(z_star.shape) != (bsz, ldim):
+        shape = tuple(z_star.shape) if isinstance(z_star, Tensor) else type(z_star).__name__
+        raise ValueError(f"z_star must have shape ({bsz}, {ldim}) like the encoder means of x, got {shape}")
+    std = torch.exp(0.5 * logvar)
+    w = (z_star.to(mu) - mu) / std
+    d = w.norm(dim=1)
+    r = torch.randn(bsz, ldim, generator=generator, dtype=torch.float64).to(mu)
+    u1 = torch.where(d[:, None] > 0, w / d.clamp_min(1e-12)[:, None], r / r.norm(dim=1, keepdim=True))
+    r2 = torch.randn(bsz, ldim, generator=generator, dtype=torch.float64).to(mu)
+    u2 = r2 - (r2 * u1).sum(1, keepdim=True) * u1
+    u2 = u2 / u2.norm(dim=1, keepdim=True)
+    t = torch.linspace(0, 1, n, dtype=mu.dtype, device=mu.device)
+    s1 = -margin + t[None, :] * (d[:, None] + 2 * margin)
+    half = d[:, None] / 2 + margin
+    s2 = -half + t[None, :] * 2 * half
+    off = s1[:, None, :, None] * u1[:, None, None, :] + s2[:, :, None, None] * u2[:, None, None, :]
+    z = mu[:, None, None, :] + std[:, None, None, :] * off
+    zf = z.reshape(-1, ldim)
+    xf = x.repeat_interleave(n * n, dim=0)
+    h = (vae.neg_log_likelihood(xf, vae.decode(zf)) + 0.5 * zf.pow(2).sum(1)).view(bsz, n, n)
+    k = neg_log_q(z, mu[:, None, None, :], logvar[:, None, None, :])
+    flat = h.flatten(1).argmin(1)
+    rows = torch.arange(bsz, device=h.device)
+    h_argmin = torch.stack([s1[rows, flat % n], s2[rows, flat // n]], dim=1)
+    return {
+        "s1": s1, "s2": s2, "distance": d, "directions": torch.stack([u1, u2], dim=1), "mu": mu, "logvar": logvar,
+        "H": h, "K": k, "H_argmin": h_argmin,
+    }  # fmt: skip
+
+
+@torch.no_grad()
 def slice_summary(res: dict[str, Tensor], z: Tensor | None = None) -> dict[str, Tensor]:
     """Numbers that describe a :func:`posterior_slice` result ``res`` (``B`` images, ``n x n`` grid), per image.
 
