@@ -13,8 +13,12 @@ from jpmap_core.experiments.sigma_sweep import (
     SweepResult,
     budget,
     claims,
+    compare_families,
     describe_claims,
+    describe_families,
+    family_gains,
     make_problems,
+    plot_family_gains,
     plot_figure1,
     plot_figure2,
     prior_name,
@@ -41,11 +45,15 @@ def digits():
     return torch.rand(5, 1, 28, 28, generator=g)
 
 
-def test_prior_names_follow_the_sweep_naming():
-    assert prior_name(0) == "mnist_mlp_e50_dvae0"
-    assert prior_name(2.5) == "mnist_mlp_e50_dvae2p5"
-    assert prior_name(15.0) == "mnist_mlp_e50_dvae15"
-    assert prior_name(50) == "mnist_mlp_e50_dvae50"
+def test_prior_names_follow_the_sweep_naming_of_both_families():
+    assert prior_name(0) == "mnist_mlp_dvae0", "the default family is the paper's 200 epochs"
+    assert prior_name(2.5, 200) == "mnist_mlp_dvae2p5"
+    assert prior_name(0, 50) == "mnist_mlp_e50_dvae0"
+    assert prior_name(2.5, 50) == "mnist_mlp_e50_dvae2p5"
+    assert prior_name(15.0, 50) == "mnist_mlp_e50_dvae15"
+    assert prior_name(50, epochs=50) == "mnist_mlp_e50_dvae50"
+    with pytest.raises(ValueError, match="100 epochs.*50, 200"):
+        prior_name(15, 100)
     with pytest.raises(ValueError, match=">= 0"):
         prior_name(-5)
     with pytest.raises(TypeError, match="number"):
@@ -218,4 +226,31 @@ def test_figures_have_one_labelled_panel_per_problem(digits):
     assert [ax.get_title(loc="left")[:3] for ax in fig2.axes] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
     gain_line = fig2.axes[4].get_lines()[-1]  # compressed sensing: median gain over digits per sigma_DVAE
     assert list(gain_line.get_ydata()) == pytest.approx([-1.0, 1.0, 2.0, 1.5])
+    plt.close("all")
+
+
+def test_family_gains_compare_the_jpmap_minus_csgm_gain_of_two_training_lengths(digits):
+    import matplotlib.pyplot as plt
+
+    long = _synthetic()  # gaps -1, 1, 2, 1.5 dB at sigma_DVAE 0, 5, 15, 30 (compressed sensing)
+    short = _synthetic(jpmap_fig2={0.0: 19.5, 5.0: 19.0, 15.0: 20.0, 30.0: 19.5})  # gap +1.5 dB at 0: not the worst
+    for key in [k for k in short.psnr if k[0] == 1]:
+        del short.psnr[key]  # the compared family runs Fig. 2 only
+    rows = family_gains({200: long, 50: short})
+    assert {r["epochs"] for r in rows} == {200, 50} and len(rows) == 2 * 3 * 4
+    assert [r["epochs"] for r in rows] == sorted((r["epochs"] for r in rows), reverse=True)
+    r0 = next(r for r in rows if (r["epochs"], r["problem"], r["sigma_dvae"]) == (200, "compressed_sensing", 0.0))
+    assert r0["gain_mean"] == pytest.approx(-1.0) and r0["win_frac"] == pytest.approx(0.25) and r0["n_images"] == 4
+    summary = compare_families(rows)
+    cs = summary["problems"]["compressed_sensing"]
+    assert cs["200"]["gain_at_0"] == pytest.approx(-1.0) and cs["200"]["zero_is_worst"]
+    assert cs["200"]["advantage_ge5_minus_0"] == pytest.approx(1.5 + 1.0)
+    assert cs["50"]["gain_at_0"] == pytest.approx(1.5) and not cs["50"]["zero_is_worst"]
+    assert cs["50"]["advantage_ge5_minus_0"] == pytest.approx((1.0 + 2.0 + 1.5) / 3 - 1.5)
+    text = describe_families(summary)
+    assert "compressed_sensing  200 epochs: at 0 -1.00 dB (JPMAP better on 25%)" in text
+    fig = plot_family_gains(rows, make_problems(digits, seed=0))
+    assert [ax.get_title(loc="left")[:3] for ax in fig.axes] == ["(a)", "(b)", "(c)"]
+    labels = [line.get_label() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert labels == ["200 epochs", "50 epochs"]
     plt.close("all")
