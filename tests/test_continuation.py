@@ -17,6 +17,7 @@ from jpmap_core.experiments.continuation import (
     alg22_summary,
     along_k,
     candidate_energies,
+    compare_with_splitting,
     constraint_level,
     continuation,
     describe_run,
@@ -26,7 +27,9 @@ from jpmap_core.experiments.continuation import (
     plot_beta_and_constraint,
     plot_continuation,
     plot_diagnostic,
+    plot_splitting_comparison,
     positive_mode,
+    splitting_on_alg24_schedule,
     summarize_run,
 )
 from jpmap_core.metrics import psnr
@@ -315,3 +318,35 @@ def test_plot_diagnostic_shows_both_istar_maps_and_the_n1_n2_marks_property(diag
     marks = sorted(float(line.get_xdata()[0]) for line in ax_b.lines if line.get_linestyle() == ":")
     assert marks == [2.0, 4.0]
     assert len(ax_a.lines) == 3 * (diag.relative.shape[1] + 1) + 1 + 2  # thin + median per candidate, 0, n1, n2
+
+
+def test_splitting_on_alg24_schedule_follows_each_digits_beta_path_and_compares_at_its_final_beta_property(
+    runs, problem, vae
+):
+    """Map-z splitting beside Alg. 2.4: each digit walks through the beta_k that Alg. 2.4 visited on it (one beta per
+    outer iteration, no more), and both final iterates are scored by J1 at that digit's final beta."""
+    x, p = problem
+    r24 = runs["fast"]
+    path = along_k(r24, "beta")
+    r = splitting_on_alg24_schedule(r24, p.y, p.op, vae, sigma=SIGMA, n_max=4, adam_max_iters=20)
+    assert r.info["method"] == "mapz_splitting"
+    outer = r.history["outer"]
+    for b in range(len(r)):
+        visited = int((~path[:, b].isnan()).sum())
+        assert int(outer[:, b].max()) == visited - 1, f"digit {b}: one run of Alg. 2.3 per beta of its path"
+    final_beta = r.history["beta"].clone()
+    last_rows = (r.history["outer"] >= 0).sum(0) - 1
+    torch.testing.assert_close(final_beta[last_rows, torch.arange(len(r))].double(), last_value(path))
+    cmp = compare_with_splitting(r24, r, x, p.y, p.op, vae, sigma=SIGMA)
+    from jpmap_core.energy import J1
+
+    beta = last_value(path).float()
+    torch.testing.assert_close(cmp["mapz"]["j1_final"], J1(r.x, r.z, p.y, p.op, vae, SIGMA, beta))
+    torch.testing.assert_close(cmp["jpmap"]["psnr_Gz"], psnr(r24.x_decoded, x))
+    share = float((cmp["jpmap"]["j1_final"] < cmp["mapz"]["j1_final"]).double().mean())
+    assert cmp["jpmap_lower_j1_share"] == pytest.approx(share)
+    assert int(cmp["mapz"]["adam_steps"].min()) > 0, "map-z splitting descends at every alternation"
+    fig = plot_splitting_comparison(cmp, r24, r, x, show=[0, 2])
+    titles = [a.get_title(loc="left") for a in fig.axes]
+    assert any(t.startswith("(a)") for t in titles) and any(t.startswith("(b)") for t in titles)
+    plt.close(fig)

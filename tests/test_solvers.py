@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -322,6 +323,33 @@ def test_mapz_splitting_closes_the_gap_as_beta_grows(vae, digits):
     first = torch.nanmean(gap[outer[:, 0] == 0][-1])
     last = torch.nanmean(gap[-1])
     assert float(last) < float(first)
+
+
+def test_mapz_splitting_per_image_schedules_equal_one_call_per_schedule(vae, digits):
+    """A (K, B) betas tensor gives each image its own schedule (NaN after its last beta), as Alg. 2.4's per-image
+    beta_k paths do: each image is restored as by a call with its own list (float64)."""
+    vae64 = copy.deepcopy(vae).double()
+    op, y = _inpainting(digits[:2].double())
+    y = y.double()
+    b = vae.beta
+    long, short = [0.1 * b, 0.5 * b, b], [0.2 * b, b]
+    sched = torch.tensor([[long[0], short[0]], [long[1], short[1]], [long[2], math.nan]], dtype=torch.float64)
+    both = mapz_splitting(y, op, vae64, betas=sched, sigma=10, maxiter=4, **FAST)
+    for i, betas in enumerate((long, short)):
+        one = mapz_splitting(y[i : i + 1], Inpainting(op.mask[i : i + 1]), vae64, betas=betas, sigma=10, maxiter=4,
+                             **FAST)  # fmt: skip
+        torch.testing.assert_close(both.x[i : i + 1], one.x, rtol=0, atol=1e-10)
+        assert torch.equal(both.iterations[i : i + 1], one.iterations)
+        outer = both.history["outer"][:, i]
+        assert int(outer[outer >= 0].max()) == len(betas) - 1, "each image runs its own number of betas"
+    for bad, match in (
+        (sched[:, :1], "shape"),
+        (torch.tensor([[math.nan, b], [b, b]]), "first beta"),
+        (torch.tensor([[b, b], [math.nan, b], [b, b]]), "only end with NaN"),
+        (torch.tensor([[b, b], [0.5 * b, b]]), "non-decreasing"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            mapz_splitting(y, op, vae64, betas=bad, sigma=10, maxiter=1)
 
 
 def test_csgm_restarts_keep_the_lowest_energy(vae, digits):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..energy import J1
 from ..metrics import psnr
 from ..operators import LinearOperator
 from ..solvers import Restoration, solve
@@ -150,6 +151,95 @@ def describe_run(r: Restoration, eps: float) -> str:
         f"{r.per_image['outer_iterations'].tolist()} outer iterations ({r.info['seconds']:.0f} s); final "
         f"||G(z)-x||^2 / eps = {final_gap}"
     )
+
+
+def splitting_on_alg24_schedule(
+    r: Restoration,
+    y: Tensor,
+    op: LinearOperator,
+    vae: Any,
+    *,
+    sigma: float,
+    n_max: int = 300,
+    adam_max_iters: int = 3000,
+) -> Restoration:
+    """Map-z splitting (Alg. 1.1, JPMAP's predecessor: no encoder, z-steps by descent from ``z_n``, ``z0 = 0``) on the
+    same problem as an Alg. 2.4 run ``r`` and on each digit's own schedule: the ``beta_k`` that Alg. 2.4 visited on
+    that digit (``along_k(r, "beta")``), with the same caps (``n_max`` alternations per beta, ``adam_max_iters`` per
+    z-step) and the same start ``x0 = A_dagger(y)``. What remains between the two is the encoder's guesses."""
+    return solve(
+        "mapz_splitting", y, op, vae, sigma=sigma, betas=along_k(r, "beta"), maxiter=n_max,
+        adam_max_iters=adam_max_iters,
+    )  # fmt: skip
+
+
+def compare_with_splitting(
+    r_jpmap: Restoration, r_split: Restoration, x_true: Tensor, y: Tensor, op: LinearOperator, vae: Any, *, sigma: float
+) -> dict[str, Any]:
+    """Per digit, Alg. 2.4 against map-z splitting on the same schedule: ``J1`` of each final iterate at the digit's
+    final ``beta`` (the same for both), PSNR of ``x`` and of ``G(z)``, alternations and Adam steps in total; and
+    over the batch the share of digits on which JPMAP ends lower in ``J1`` and the means."""
+    beta = last_value(along_k(r_jpmap, "beta")).to(r_jpmap.x)
+    out: dict[str, Any] = {"beta_final_over_beta_gamma": (beta / vae.beta).cpu()}
+    for name, r in (("jpmap", r_jpmap), ("mapz", r_split)):
+        with torch.no_grad():
+            j = J1(r.x, r.z, y, op, vae, sigma, beta, mu_x=r.x_decoded)
+        out[name] = {
+            "j1_final": j.cpu(),
+            "psnr_x": psnr(r.x, x_true).cpu(),
+            "psnr_Gz": psnr(r.x_decoded, x_true).cpu(),
+            "alternations": r.iterations.cpu(),
+            "adam_steps": r.history["adam_steps"].clamp(min=0).sum(0).cpu(),
+            "seconds": float(r.info["seconds"]),
+        }
+    jp, mz = out["jpmap"], out["mapz"]
+    out["jpmap_lower_j1_share"] = float((jp["j1_final"] < mz["j1_final"]).double().mean())
+    out["j1_gap_median"] = float((mz["j1_final"] - jp["j1_final"]).double().median())
+    out["psnr_x_gain_mean"] = float((jp["psnr_x"] - mz["psnr_x"]).mean())
+    out["psnr_Gz_gain_mean"] = float((jp["psnr_Gz"] - mz["psnr_Gz"]).mean())
+    return out
+
+
+def plot_splitting_comparison(cmp: Mapping[str, Any], r_jpmap: Restoration, r_split: Restoration, x_true: Tensor,
+                              show: Sequence[int]):  # fmt: skip
+    """(a) final ``J1`` per digit, map-z splitting against JPMAP (below the diagonal: JPMAP lower); (b) PSNR of
+    ``G(z)`` per digit, same axes; (c) the digits ``show``: ``x*``, then ``x`` and ``G(z)`` of each method."""
+    import matplotlib.pyplot as plt
+
+    jp, mz = cmp["jpmap"], cmp["mapz"]
+    n = len(show)
+    fig = plt.figure(figsize=(11, max(3.4, 1.3 * n)), layout="constrained")
+    sub = fig.subfigures(1, 2, width_ratios=[2, 1.3])
+    ax = sub[0].subplots(1, 2)
+    for a, key in ((ax[0], "j1_final"), (ax[1], "psnr_Gz")):
+        u, v = mz[key].double(), jp[key].double()
+        a.scatter(u.numpy(), v.numpy(), s=14, color="C1")
+        lo, hi = float(torch.minimum(u.min(), v.min())), float(torch.maximum(u.max(), v.max()))
+        pad = 0.05 * (hi - lo + 1e-9)
+        a.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", ls=":", lw=1)
+        a.set(xlabel="map-z splitting (Alg. 1.1)", ylabel="JPMAP (Alg. 2.4)")
+    if float(torch.minimum(mz["j1_final"].min(), jp["j1_final"].min())) > 0:
+        from matplotlib.ticker import NullFormatter
+
+        ax[0].set(xscale="log", yscale="log")
+        ax[0].xaxis.set_minor_formatter(NullFormatter())
+        ax[0].yaxis.set_minor_formatter(NullFormatter())
+    ax[0].set_title("(a) final $J_1$ at the final $\\beta$\n(below the diagonal: JPMAP lower)", loc="left", fontsize=9)
+    ax[1].set_title("(b) PSNR of $G(z)$ (dB)\n(above the diagonal: JPMAP better)", loc="left", fontsize=9)
+    grid = sub[1].subplots(n, 5, squeeze=False)
+    cols = [("$x^*$", x_true), ("JPMAP $x$", r_jpmap.x), ("JPMAP $G(z)$", r_jpmap.x_decoded),
+            ("map-z $x$", r_split.x), ("map-z $G(z)$", r_split.x_decoded)]  # fmt: skip
+    for i, b in enumerate(show):
+        for j, (title, imgs) in enumerate(cols):
+            g = grid[i, j]
+            g.imshow(imgs[b, 0].detach().cpu().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            g.set(xticks=[], yticks=[])
+            g.grid(False)
+            if i == 0:
+                g.set_title(title, fontsize=8)
+        grid[i, 0].set_ylabel(f"digit {b}", fontsize=8)
+    grid[0, 0].set_title("(c) $x^*$", fontsize=8)
+    return fig
 
 
 def column_title(j: int, k: int, stop: int, snap: Mapping[str, Tensor], b: int, eps: float, beta_gamma: float) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..energy import J1, Sigma, as_beta, sigma_info
+from ..energy import J1, Sigma, sigma_info
 from ..models import GaussianVAE
 from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder
 from .alternation import Alternation, Data, Iterate
@@ -31,7 +31,7 @@ def mapz_splitting(
     vae: GaussianVAE,
     *,
     sigma: Sigma,
-    betas: Sequence[float] | None = None,
+    betas: Sequence[float] | Tensor | None = None,
     maxiter: int = 300,
     x0: Tensor | None = None,
     z0: Tensor | None = None,
@@ -44,37 +44,39 @@ def mapz_splitting(
     """Alg. 1.1 over the schedule ``betas`` (positive, non-decreasing; default :data:`DEFAULT_BETAS_GAMMA2` times
     ``1/gamma^2``). ``z0`` defaults to 0.
 
+    ``betas`` is one schedule for every image (a sequence), or one per image: a ``(K, B)`` tensor whose column ``b``
+    is image ``b``'s schedule, ``NaN`` after its last beta (e.g. the ``beta_k`` path that Alg. 2.4 took on that
+    image, to compare both on the same schedule).
+
     ``history["objective"]`` is ``J_{1,beta_k}`` after each alternation, ``history["outer"]`` the index ``k`` of
     ``beta_k``; ``converged`` says whether the last beta's inner loop met the tolerance.
     """
     require_gaussian_decoder(vae, "map-z splitting")
     if betas is None:
         betas = [f * vae.beta for f in DEFAULT_BETAS_GAMMA2]
-    betas = [float(b) for b in betas]
-    if not betas or any(not math.isfinite(b) or b <= 0 for b in betas):
-        raise ValueError(f"betas must be a non-empty list of positive numbers, got {betas!r}")
-    if any(b2 < b1 for b1, b2 in zip(betas, betas[1:], strict=False)):
-        raise ValueError(f"betas must be non-decreasing (continuation beta -> inf), got {betas!r}")
     if not isinstance(maxiter, int) or maxiter < 1:
         raise ValueError(f"maxiter must be an integer >= 1, got {maxiter!r}")
     y, x, sigma = check_problem(y, op, vae, sigma, x0, init, None)
     B, lshape = x.shape[0], tuple(vae.latent_shape)
+    shared = not isinstance(betas, Tensor)
+    schedule = _schedule(betas, B).to(dtype=x.dtype, device=x.device)  # (K, B), NaN after an image's last beta
     z = torch.zeros(B, *lshape, dtype=x.dtype, device=x.device) if z0 is None else z0.detach().clone().to(x)
     if tuple(z.shape) != (B, *lshape):
         raise ValueError(f"z0 must have shape (B, *latent_shape) = {(B, *lshape)}, got {tuple(z.shape)}")
     clock = Clock()
-    b = as_beta(betas[0], vae, B, x).clone()
+    b = schedule[0].clone()
     with torch.no_grad():
         Gz = vae.decode(z)
         J = J1(x, z, y, op, vae, sigma, b, mu_x=Gz)
     it = Iterate(x.clone(), z, Gz, J, b)
-    schedule = torch.tensor(betas, dtype=x.dtype, device=x.device)
 
-    def next_beta(E: Tensor, k: Tensor) -> Tensor:  # the next beta of the schedule, image by image
+    def next_beta(E: Tensor, k: Tensor) -> Tensor:  # the next beta of each image's schedule
         nxt = k + 1
-        cont = nxt < len(betas)
+        cont = nxt < schedule.shape[0]
+        nxt_beta = schedule[nxt.clamp(max=schedule.shape[0] - 1), E]
+        cont = cont & ~torch.isnan(nxt_beta)
         if bool(cont.any()):
-            it.beta[E[cont]] = schedule[nxt[cont]]
+            it.beta[E[cont]] = nxt_beta[cont]
         return cont
 
     history = History(B)
@@ -93,10 +95,39 @@ def mapz_splitting(
         history=history.stack(),
         info={
             "method": "mapz_splitting",
-            "betas": betas,
+            "betas": [float(v) for v in schedule[:, 0]] if shared else schedule.T.cpu(),
             "sigma": sigma_info(sigma),
             "maxiter": maxiter,
             "tol": tol,
             "seconds": clock(),
         },  # fmt: skip
     )
+
+
+def _schedule(betas: Sequence[float] | Tensor, B: int) -> Tensor:
+    """``(K, B)`` float64 schedule from one shared list or a per-image ``(K, B)`` tensor (``NaN``-padded), checked:
+    positive, finite, non-decreasing, no beta after a ``NaN``, at least one beta per image."""
+    if isinstance(betas, Tensor):
+        if betas.dim() != 2 or betas.shape[1] != B or betas.shape[0] < 1:
+            raise ValueError(f"a per-image betas tensor must have shape (K, B) = (K, {B}), got {tuple(betas.shape)}")
+        sched = betas.detach().double().cpu()
+    else:
+        try:
+            values = [float(v) for v in betas]
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a non-empty list of positive numbers, got {betas!r}") from None
+        if not values or any(not math.isfinite(v) for v in values):
+            raise ValueError(f"betas must be a non-empty list of positive numbers, got {betas!r}")
+        sched = torch.tensor(values, dtype=torch.float64)[:, None].expand(-1, B)
+    nan = torch.isnan(sched)
+    if bool(nan[0].any()):
+        raise ValueError(f"every image needs a first beta; images {nan[0].nonzero().flatten().tolist()} have NaN")
+    if bool((nan[:-1] & ~nan[1:]).any()):
+        raise ValueError("a per-image schedule may only end with NaN: no beta after a NaN")
+    v = sched[~nan]
+    if bool((~torch.isfinite(v) | (v <= 0)).any()):
+        raise ValueError(f"betas must be positive and finite, got {betas!r}")
+    steps = sched[1:] - sched[:-1]
+    if bool((steps[~torch.isnan(steps)] < 0).any()):
+        raise ValueError(f"betas must be non-decreasing (continuation beta -> inf), got {betas!r}")
+    return sched
