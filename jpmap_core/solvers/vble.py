@@ -89,9 +89,7 @@ def image_seeds(keys: Tensor, generator: torch.Generator | None = None) -> list[
         base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     rows = keys.detach().to(device="cpu", dtype=torch.float64).reshape(keys.shape[0], -1).contiguous().numpy()
     key = base.to_bytes(8, "little")
-    return [
-        int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, key=key).digest(), "little") >> 1 for r in rows
-    ]
+    return [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, key=key).digest(), "little") >> 1 for r in rows]
 
 
 class NoiseStreams:
