@@ -141,6 +141,7 @@ class Terms:
     data: Tensor  # (r,) E_q ||A x - y||^2 / (2 sigma^2) / (H W)
     kl: Tensor  # (r,) KL(q(z) || p_Z) (+ E_q KL(q_b(x|z) || p(x|z)) for VBLE-xz) / (H W)
     x: Tensor  # (r, n, C, H, W) the image samples D(z_i) (+ b sigma_theta(z_i) xi_i)
+    decoded: Tensor  # (r, n, C, H, W) their means D(z_i)
 
 
 class Model:
@@ -188,12 +189,12 @@ class Model:
         (and ``xi`` ``(r, n, C, H, W)``). Differentiable in ``zbar``, ``log_a``, ``log_b``."""
         r, n = eps.shape[:2]
         z = (zbar.unsqueeze(1) + log_a.exp().unsqueeze(1) * eps).reshape(r * n, *self.latent_shape)
-        x = self.prior.decode(z, check=False)
+        x = decoded = self.prior.decode(z, check=False)
         kl_x = 0.0
         if log_b is not None:
             b = log_b.exp()
-            std = self.std_fn(z, x)
-            x = x + b.repeat_interleave(n, 0) * std * xi.reshape(r * n, *self.image_shape)
+            std = self.std_fn(z, decoded)
+            x = decoded + b.repeat_interleave(n, 0) * std * xi.reshape(r * n, *self.image_shape)
             # KL(N(D, b^2 s^2) || N(D, s^2)) per pixel = -log b + b^2/2 - 1/2 (slide "[Appendice] VBLE-xz ELBO")
             kl_x = (0.5 * b * b - log_b - 0.5).expand(r, *self.image_shape).flatten(1).sum(1)
         res = self.A_rows(x, idx, n) - self.y[idx].repeat_interleave(n, 0)
@@ -202,7 +203,8 @@ class Model:
         nlp = self.prior.neg_log_prior(z).view(r, n).mean(1)
         kl = nlp - log_a.flatten(1).sum(1) - 0.5 * self.l + kl_x  # E_q[-log p] - H(q), 2 pi constants cancel
         const = 0.5 * self.m[idx] * torch.log(2 * math.pi * s * s)
-        return Terms(-(data + const + kl) / self.npix, data / self.npix, kl / self.npix, x.view(r, n, *x.shape[1:]))
+        samples, decoded = x.view(r, n, *self.image_shape), decoded.view(r, n, *self.image_shape)
+        return Terms(-(data + const + kl) / self.npix, data / self.npix, kl / self.npix, samples, decoded)
 
 
 def _as_rows(t: Tensor | float, B: int, shape: tuple[int, ...], like: Tensor, name: str) -> Tensor:
@@ -460,12 +462,17 @@ def _fit(y, op, prior, sigma, *, method, opts: Options, xnoise_spec, decoder_std
     with torch.no_grad():
         zbar, log_a, log_b = packing.unpack(pool.z, all_rows)
         x_decoded = prior.decode(zbar, check=False)
-        moments, kept, elbo_sum = Moments(x_decoded), [], torch.zeros(B, dtype=y.dtype, device=y.device)
+        moments = Moments(x_decoded)  # of the image samples: the std
+        # of D(z_i): the MMSE-x (VBLE-xz's x-noise has mean 0 given z: averaging it would only add Monte Carlo noise)
+        means = Moments(x_decoded) if xz else moments
+        kept, elbo_sum = [], torch.zeros(B, dtype=y.dtype, device=y.device)
         for k in _chunks(opts.n_posterior_samples, opts.sample_batch):
             eps = streams.normal(all_rows, (k, *lat), y)
             xi = streams.normal(all_rows, (k, *img), y) if xz else None
             t = model.terms(all_rows, zbar, log_a, log_b, eps, xi)
             moments.add(t.x)
+            if xz:
+                means.add(t.decoded)
             elbo_sum += t.elbo * k
             have = sum(s.shape[1] for s in kept)
             if have < opts.n_keep_samples:
@@ -487,7 +494,7 @@ def _fit(y, op, prior, sigma, *, method, opts: Options, xnoise_spec, decoder_std
     info["batched_steps"] = pool.calls
     info["seconds"] = clock()
     return Restoration(
-        x=moments.mean(),
+        x=means.mean(),
         z=zbar,
         x_decoded=x_decoded,
         converged=converged,
@@ -590,9 +597,10 @@ def vble_xz(
     optimal ``b_k = (1 + sigma_theta^2 (A^T A)_kk / sigma^2)^{-1/2}`` (1 where ``A`` does not see pixel ``k``).
 
     The other options and the outputs are :func:`vble`'s, with image samples ``x_i = D(z_i) + b sigma_theta(z_i)
-    xi_i`` (the prior's representation error included) for ``x`` (MMSE-x), ``per_image["std"]`` and
-    ``per_image["samples"]``; ``history["kl"]`` includes the x-part; ``per_image["b"]`` ``(B, C, H, W)`` or
-    ``(B, 1, 1, 1)``.
+    xi_i`` (the prior's representation error included) in ``per_image["std"]`` and ``per_image["samples"]``. The
+    MMSE-x estimate ``x`` is ``1/S sum_i D(z_i)``: the mean of ``q_b(x | z_i)`` is ``D(z_i)``, so this has the
+    expectation of the samples' mean with less Monte Carlo noise (``b sigma_theta / sqrt(S)`` less per pixel).
+    ``history["kl"]`` includes the x-part; ``per_image["b"]`` is ``(B, C, H, W)`` or ``(B, 1, 1, 1)``.
     """
     opts = Options(n_samples, lr, max_iters, patience, rtol, a0, n_posterior_samples, n_keep_samples, sample_batch)
     return _fit(
