@@ -22,6 +22,8 @@ TINY = {
     "csgm": {"max_iters": 40},
     "jpmap": {"n1": 1, "n2": 2, "n_max": 3, "adam_max_iters": 20},
     "mapz_splitting": {"maxiter": 3, "adam_max_iters": 20},
+    "vble": {"max_iters": 20, "n_posterior_samples": 8},
+    "vble_xz": {"max_iters": 20, "n_posterior_samples": 8},
 }
 SHAPE = (1, 8, 8)
 

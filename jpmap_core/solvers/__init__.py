@@ -23,6 +23,8 @@ Methods:
 * ``"csgm"`` -- :func:`csgm`, Bora et al., JPMAP eq. 1.3
 * ``"jpmap"`` -- :func:`jpmap`, JPMAP Algorithms 2.1, 2.2, 2.3 and (with ``alpha``) 2.4
 * ``"mapz_splitting"`` -- :func:`mapz_splitting`, JPMAP Algorithm 1.1
+* ``"vble"``, ``"vble_xz"`` -- :func:`vble`, :func:`vble_xz`, variational posteriors (VBLE slides); more samples with
+  :func:`posterior_samples`
 
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
@@ -41,11 +43,13 @@ from ._common import AdamPool, Restoration, adam_minimize
 from .csgm import csgm
 from .jpmap import jpmap
 from .splitting import mapz_splitting
+from .vble import posterior_samples, vble, vble_xz
 
 Solver = Callable[..., Restoration]
 
 #: method name -> solver with the contract of the module docstring
 SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": mapz_splitting}
+SOLVERS.update(vble=vble, vble_xz=vble_xz)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -56,3 +60,4 @@ def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options:
 
 
 __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
+__all__ += ["posterior_samples", "vble", "vble_xz"]
