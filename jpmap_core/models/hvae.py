@@ -334,6 +334,25 @@ class _PriorAtSize:
         _, groups = self._net._top_down(self._net._bottom_up(x), self._hw, x.shape[0], _tempered(lams))
         return self.pack([g.z for g in groups])
 
+    def tempered_autoencode(
+        self, x: Tensor, tau: Temperature = 1.0, *, allow_out_of_range: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(E_tau(x), mu_theta(E_tau(x)), neg_log_prior(E_tau(x), tau))`` from one bottom-up and one top-down pass.
+
+        The packed latent of Algorithm 1 (:meth:`encode_tempered`), the reconstruction ``HVAE(x, tau)`` of
+        PnP-HVAE's Proposition 1 and the prior term of ``J1`` (eq. 15) at that latent: what
+        :meth:`encode_tempered` then :meth:`decode_with_prior` give, the same numbers, at half the cost (the top-down
+        pass that chooses ``z`` also decodes it). Batched; differentiable when called with gradients enabled.
+        """
+        taus = check_temperature(tau, self.n_groups)
+        lams = [1.0 / t**2 - 1.0 for t in taus]
+        self._check_x(x, allow_out_of_range)
+        mu, groups = self._net._top_down(self._net._bottom_up(x), self._hw, x.shape[0], _tempered(lams))
+        nlp = sum(
+            gaussian_nll(g.z, g.p_mean, g.p_logvar).flatten(1).sum(1) / t**2 for g, t in zip(groups, taus, strict=True)
+        )
+        return self.pack([g.z for g in groups]), mu, nlp
+
     def conditionals(self, x: Tensor | None, z: Tensor, *, allow_out_of_range: bool = False) -> list[GroupGaussians]:
         """The Gaussians of eq. (8) along the latent path ``z`` (packed): per group ``q(z_l | x, z_<l)`` (when ``x``
         is given) and ``p(z_l | z_<l)``, coarsest first."""
