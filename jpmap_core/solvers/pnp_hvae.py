@@ -32,8 +32,11 @@ latent group by back-propagating through the decoder, with Adam (lr 0.01 or 0.00
 **Stopping** (both methods, every image on its own): the official code's plateau rule (``utils_scheduler.State_fn``
 with ``track: residual``). With ``r_k = ||x_k - x_{k-1}||^2 / d`` (the code's ``rk``, the mean squared step), iteration
 ``k`` *improves* when ``r_k < (1 - tol) min_{j<k} r_j``; an image stops once ``patience + 1`` consecutive iterations
-did not improve (``converged``), or after ``max_iters`` iterations. ``atol > 0`` adds Algorithm 2's literal test,
-stop when ``||x_k - x_{k-1}|| / sqrt(d) < atol`` (the official code does not use it).
+did not improve, or after ``max_iters`` iterations. Algorithm 2's own test, ``res > tol``, stops it too when
+``||x_k - x_{k-1}|| / sqrt(d) < atol``; the paper gives no value and the official code has no such test, so the
+default ``atol = 1e-6`` (a millionth of the intensity range per pixel) only stops images whose iterates have settled
+to rounding, where the relative plateau test would be deciding on rounding noise (``atol = 0``: the official rule
+alone). ``converged`` says that one of the two tests fired.
 
 **Image sizes.** The HVAE is fully convolutional (PatchVDVAE, §6.2): images whose height and width are multiples of
 its total stride use the prior at their own size (:meth:`~jpmap_core.models.HVAE.at_size`); other images are
@@ -379,7 +382,7 @@ def pnp_hvae(
     max_iters: int = 50,
     tol: float = 1e-3,
     patience: int = 10,
-    atol: float = 0.0,
+    atol: float = 1e-6,
     gamma: float | None = None,
     x0: Tensor | None = None,
     init: str = "official",
@@ -395,7 +398,7 @@ def pnp_hvae(
     :param tau: temperature: one number, one per latent group, or a schedule ``l -> tau_l``, each in (0, 1]
         (``lambda_l = 1 / tau_l^2 - 1``, eq. 18). Default 0.8 (module docstring).
     :param max_iters: at most this many iterations per image (default 50: §6.3 deblurring).
-    :param tol, patience: the official plateau rule on the residual (module docstring); ``atol`` Algorithm 2's test.
+    :param tol, patience, atol: the official plateau rule on the residual and Algorithm 2's test (module docstring).
     :param gamma: decoder std on the [0, 1] scale (default: the prior's); the x-step weighs ``sigma^2 / gamma^2``.
     :param x0, init: the first iterate, or how to make it: ``"official"`` (default), ``"dagger"``, ``"adjoint"``.
     :param clamp: clamp the encoder's input to [0, 1] (official code).
@@ -480,7 +483,7 @@ def adam_j1(
     max_iters: int = 50,
     tol: float = 1e-3,
     patience: int = 10,
-    atol: float = 0.0,
+    atol: float = 1e-6,
     gamma: float | None = None,
     x0: Tensor | None = None,
     z0: Tensor | None = None,
