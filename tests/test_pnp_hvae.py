@@ -11,7 +11,7 @@ import torch
 from jpmap_core.energy import J1
 from jpmap_core.models import HVAE, MLPVAE
 from jpmap_core.operators import BlurFFT, Denoising, Inpainting, SuperResolution
-from jpmap_core.solvers import SOLVERS, adam_j1, csgm, jpmap, pnp_hvae
+from jpmap_core.solvers import SOLVERS, adam_j1, csgm, jpmap, mapz_splitting, pnp_hvae
 from jpmap_core.solvers.pnp_hvae import T, bicubic_upsample, hvae_step, j1_pnp_hvae, latent_size, x_step
 
 SHAPE = (3, 8, 8)
@@ -369,6 +369,8 @@ def test_jpmap_family_on_an_hvae_minimises_the_untempered_pnp_hvae_j1(hvae):
     torch.testing.assert_close(_last(r.history["objective"]), j1_pnp_hvae(r.x, r.z, y, op, hvae, sigma=10, tau=1.0))
     torch.testing.assert_close(J1(r.x, r.z, y, op, hvae, 10), j1_pnp_hvae(r.x, r.z, y, op, hvae, sigma=10, tau=1.0))
     assert csgm(y, op, hvae, sigma=10, max_iters=5).z.shape == (2, *hvae.latent_shape)
+    r = mapz_splitting(y, op, hvae, sigma=10, betas=[hvae.beta], maxiter=2, adam_max_iters=10)
+    torch.testing.assert_close(_last(r.history["objective"]), j1_pnp_hvae(r.x, r.z, y, op, hvae, sigma=10, tau=1.0))
     y_big = _problem(Denoising(), _images(1, 16, 8))
     with pytest.raises(ValueError, match="at_size"):
         jpmap(y_big, Denoising(), hvae, sigma=10, n1=1, n2=1, n_max=1)

@@ -54,6 +54,14 @@ never stops early); ``gamma`` the prior's decoder std (the configs fix ``decoder
 wrappers do). ``x_0`` (``init="official"``, the code's ``get_x0``): ``y`` itself when measurements are images of the
 image's size (denoising, deblurring, inpainting: the noisy observation, missing pixels included), a bicubic upsampling
 of ``y`` for super-resolution (:func:`bicubic_upsample`), and ``A_dagger(y)`` otherwise (no official counterpart).
+
+**Where this differs from the official code** (on purpose): its first x-step starts from the decoding of one
+untempered posterior *sample* ``z ~ q(z | x_0)`` (then it alternates as Algorithm 2); here Algorithm 2 runs from
+``x_0`` (``z_1 = E_tau(x_0)``) and the Adam baseline starts from the encoder's means, so that a run is deterministic.
+Its objective (logged, and the baseline's loss) evaluates each prior with the standard deviation *divided* by
+``tau_l`` (``gaussian_ll(..., t=T)``), i.e. weighs the quadratic term by ``tau_l^2``; here both use eq. 15's
+``1 / tau_l^2`` (the z-step's ``lambda_l = 1/tau_l^2 - 1`` is the same in both). The official result is
+``HVAE(x_n, tau)``, one z-step after ``x_n``: :func:`pnp_hvae` returns it as ``per_image["reconstruction"]``.
 """
 
 from __future__ import annotations
@@ -411,7 +419,8 @@ def pnp_hvae(
     * ``x_decoded``: ``mu_theta(z_n)``, the decoder mean ``x_n`` was computed from;
     * ``per_image["reconstruction"]``: ``HVAE(x_n, tau) = mu_theta(E_tau(x_n))``, one z-step further, which is what
       the official code saves as its result (``muk``); at a fixed point of ``T`` the two coincide (Proposition 3);
-    * ``converged``: the stopping rule fired (else ``max_iters`` was reached); ``iterations``: ``n``;
+    * ``converged``: the plateau rule or the ``atol`` test stopped the image (else ``max_iters`` did); ``iterations``:
+      ``n``;
     * ``history`` rows ``k = 1..n`` of each image: ``"objective"`` ``J1(x_k, z_k)`` (eq. 15, :func:`j1_pnp_hvae`),
       ``"residual"`` ``||x_k - x_{k-1}||``, ``"seconds"``, and with ``record_lipschitz`` ``"lipschitz"``
       ``L_k = ||T(x_k) - T(x_{k-1})|| / ||x_k - x_{k-1}||`` ``= ||x_{k+1} - x_k|| / ||x_k - x_{k-1}||`` (the last row
