@@ -44,7 +44,7 @@ def check_images(
             f"(full shape {tuple(x.shape)})"
         )
     if check_range and x.numel() > 0:
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(x.detach().min()), float(x.detach().max())
         if lo < -atol or hi > 1 + atol:
             hint = " (it looks like the 0-255 scale: divide by 255)" if hi > 2 else ""
             raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]{hint}")

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._io import atomic_write, atomic_write_json, sha256_file
-from .models import GaussianVAE, build_model
+from .models import build_model
 
 MANIFEST = "manifest.json"
 
@@ -60,8 +61,9 @@ def weights_sha256(name: str) -> str:
     return manifest_entry(name)["sha256"]
 
 
-def load_pretrained(name: str, device: str | torch.device = "cpu", *, directory: str | None = None) -> GaussianVAE:
-    """Load a shipped prior in eval mode with frozen parameters, after checking its sha256.
+def load_pretrained(name: str, device: str | torch.device = "cpu", *, directory: str | None = None) -> nn.Module:
+    """Load a shipped prior (any of :data:`~jpmap_core.models.ARCHITECTURES`) in eval mode with frozen parameters,
+    after checking its sha256.
 
     Errors (:class:`PretrainedError`) say whether the name is unknown, the file missing or the checksum
     wrong, and how to get the file back (git, or the training command recorded in the manifest).
@@ -96,7 +98,7 @@ def load_pretrained(name: str, device: str | torch.device = "cpu", *, directory:
 
 
 def export_pretrained(
-    model: GaussianVAE, name: str, entry: dict[str, Any], directory: str | os.PathLike | None = None
+    model: nn.Module, name: str, entry: dict[str, Any], directory: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """Write ``<name>.safetensors`` and its manifest entry (both atomically); returns the entry."""
     from safetensors.torch import save_file

@@ -1,20 +1,24 @@
-"""Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base and the MNIST (MLP) and CelebA (conv)
-architectures of JPMAP §3.1."""
+"""Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base, the MNIST (MLP) and CelebA (conv)
+architectures of JPMAP §3.1 and the hierarchical VAE of PnP-HVAE (:class:`HVAE`, §6.2 PatchVDVAE)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from .conv import ConvVAE
+from .hvae import HVAE, HVAEAtSize, check_temperature, linear_temperature, tempered_mean
 from .mlp import MLPVAE
 from .prior import Prior, check_prior, latent_numel
 from .vae import GaussianVAE
 
-ARCHITECTURES: dict[str, type[GaussianVAE]] = {"mlp": MLPVAE, "conv": ConvVAE}
+#: architecture name (``config()["arch"]``) -> prior module class
+ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE, "hvae": HVAE}
 
 
-def build_model(config: dict[str, Any]) -> GaussianVAE:
-    """Rebuild a model from its :meth:`GaussianVAE.config` dictionary."""
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a prior module (a :class:`GaussianVAE` or an :class:`HVAE`) from its ``config()`` dictionary."""
     cfg = dict(config)
     arch = cfg.pop("arch", None)
     if arch not in ARCHITECTURES:
@@ -26,5 +30,6 @@ def build_model(config: dict[str, Any]) -> GaussianVAE:
 
 
 __all__ = [
-    "ARCHITECTURES", "ConvVAE", "GaussianVAE", "MLPVAE", "Prior", "build_model", "check_prior", "latent_numel"
+    "ARCHITECTURES", "ConvVAE", "GaussianVAE", "HVAE", "HVAEAtSize", "MLPVAE", "Prior", "build_model",
+    "check_prior", "check_temperature", "latent_numel", "linear_temperature", "tempered_mean",
 ]  # fmt: skip

@@ -25,6 +25,11 @@ Methods:
 * ``"mapz_splitting"`` -- :func:`mapz_splitting`, JPMAP Algorithm 1.1
 * ``"vble"``, ``"vble_xz"`` -- :func:`vble`, :func:`vble_xz`, variational posteriors (VBLE slides); more samples with
   :func:`posterior_samples`
+* ``"pnp_hvae"`` -- :func:`pnp_hvae`, PnP-HVAE Algorithm 2 (hierarchical VAE prior)
+* ``"adam_j1"`` -- :func:`adam_j1`, PnP-HVAE's Adam baseline on its ``J1`` (eq. 15; §5.3)
+
+The JPMAP-family solvers (``csgm``, ``jpmap``, ``mapz_splitting``) also accept a hierarchical VAE at the images' size
+(``hvae.at_size(H, W)``): they use its untempered ``-log p(z)`` (``tau = 1``) where a Gaussian VAE has ``1/2 ||z||^2``.
 
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
@@ -42,6 +47,7 @@ from torch import Tensor
 from ._common import AdamPool, Restoration, adam_minimize
 from .csgm import csgm
 from .jpmap import jpmap
+from .pnp_hvae import adam_j1, pnp_hvae
 from .splitting import mapz_splitting
 from .vble import posterior_samples, vble, vble_xz
 
@@ -50,6 +56,7 @@ Solver = Callable[..., Restoration]
 #: method name -> solver with the contract of the module docstring
 SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": mapz_splitting}
 SOLVERS.update(vble=vble, vble_xz=vble_xz)
+SOLVERS.update(pnp_hvae=pnp_hvae, adam_j1=adam_j1)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -61,3 +68,4 @@ def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options:
 
 __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
 __all__ += ["posterior_samples", "vble", "vble_xz"]
+__all__ += ["adam_j1", "pnp_hvae"]

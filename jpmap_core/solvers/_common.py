@@ -163,6 +163,11 @@ class AdamPool:
     def busy(self) -> bool:
         return bool(self.running.any()) or bool(self._instant.any())
 
+    def stop(self, rows: Tensor) -> None:
+        """End the descents of ``rows`` now (a stopping rule of the caller's); they keep their current iterate."""
+        self.running[rows] = False
+        self._instant[rows] = False
+
     def _keep_best(self, idx: Tensor, loss: Tensor, z: Tensor) -> None:
         better = loss < self.best_loss[idx]
         if bool(better.any()):
@@ -287,9 +292,10 @@ def check_problem(y: object, op: Any, vae: Prior, sigma: Sigma, x0: Tensor | Non
             raise ValueError(f"unknown init {init!r}; expected 'dagger' (paper §3.4) or 'adjoint' (official code)")
     check_tensor4d(x0, "x0")
     if tuple(x0.shape[1:]) != tuple(vae.image_shape):
+        hint = " (for a hierarchical VAE, pass hvae.at_size(H, W))" if hasattr(vae, "at_size") else ""
         raise ValueError(
             f"the operator's images have shape (C, H, W) = {tuple(x0.shape[1:])} but the prior expects "
-            f"{tuple(vae.image_shape)}"
+            f"{tuple(vae.image_shape)}{hint}"
         )
     ax = op.A(x0)
     if ax.shape != y.shape:
