@@ -658,6 +658,124 @@ def load_bsd(root: str | os.PathLike | None = None, *, subset: str = "CBSD68") -
     )
 
 
+#: PnP-HVAE's 10 deblurring inputs (``images/CBSD10`` of the official code), all of them CBSD68 images
+CBSD10_NAMES = ("101085", "101087", "12084", "14037", "16077", "19021", "21077", "24077", "3096", "33039")
+BSD_TEST_EXTRA = 10  # CBSD68 images added to CBSD10 for the 20 test images of PnP-HVAE §6.3
+
+
+def bsd_split(root: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """``(train, test)`` file names of CBSD68 for training a patch prior without its restoration test images.
+
+    Rule: **test** = the 10 CBSD10 images (PnP-HVAE's deblurring inputs, :data:`CBSD10_NAMES`) plus the first 10
+    other CBSD68 images in natural name order (20 test images, as the 20 BSD test images of PnP-HVAE §6.3);
+    **train** = the other 48. Both lists are in natural name order. Only the folder listing is read.
+    """
+    searched = [r / "bsd" / "CBSD68" for r in candidate_roots(root)]
+    for folder in searched:
+        files = _list_images(folder, BSD_SUBSETS["CBSD68"]) if folder.is_dir() else []
+        if not files:
+            continue
+        names = [f.name for f in files]
+        stems = {f.stem: f.name for f in files}
+        missing = [s for s in CBSD10_NAMES if s not in stems]
+        if missing:
+            raise DataFormatError(f"{folder} lacks the CBSD10 images {missing}; expected the 68 CBSD68 PNGs")
+        test = {stems[s] for s in CBSD10_NAMES}
+        test |= set([n for n in names if n not in test][:BSD_TEST_EXTRA])
+        return [n for n in names if n not in test], [n for n in names if n in test]
+    raise _not_found("BSD CBSD68", searched, "a folder bsd/CBSD68/ of the 68 colour PNGs")
+
+
+def load_bsd_split(root: str | os.PathLike | None = None) -> tuple[ImageSet, ImageSet]:
+    """CBSD68 split by :func:`bsd_split` into ``(train, test)`` image sets (ragged, original sizes)."""
+    full = load_bsd(root, subset="CBSD68")
+    train_names, test_names = bsd_split(root)
+    out = []
+    for split, names in (("train", train_names), ("test", test_names)):
+        idx = [full.names.index(n) for n in names]
+        out.append(
+            ImageSet(
+                images=[full.images[i] for i in idx],
+                names=list(names),
+                source=f"{full.source}: the {len(names)} {split} images of bsd_split",
+                info=dict(full.info, split=split, rule="bsd_split"),
+            )
+        )
+    return out[0], out[1]
+
+
+def image_pyramid(images: Sequence[Tensor], scales: Sequence[float]) -> list[list[Tensor]]:
+    """Every ``(1, C, H, W)`` image at every scale (antialiased bilinear downscaling, clamped to [0, 1]):
+    ``out[s][i]`` is image ``i`` at ``scales[s]`` (PnP-HVAE §6.2 trains on HR, x2 and x4 downsampled images)."""
+    out = []
+    for s in scales:
+        s = float(check_positive(s, "scale"))
+        if s > 1:
+            raise ValueError(f"scales must be <= 1 (downscaling), got {s}")
+        level = []
+        for x in images:
+            h, w = x.shape[-2:]
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            if size == (h, w):
+                level.append(x)
+            else:
+                level.append(
+                    F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+                )
+        out.append(level)
+    return out
+
+
+class PatchSampler:
+    """Random ``P x P`` patches of a set of images at several scales, drawn from a ``torch.Generator``.
+
+    A patch picks a scale uniformly, then an image uniformly among those at least ``P x P`` at that scale, then
+    a position uniformly; with ``augment`` it is then flipped and rotated by one of the 8 symmetries of the square
+    (random flips and 90-degree rotations). :meth:`draw` draws the random numbers of all ``n`` patches first and
+    then crops only ``rows``: processes that share a generator state and each crop their part of a batch get
+    exactly the patches one process would (distributed training).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Tensor] | Tensor,
+        patch_size: int,
+        scales: Sequence[float] = (1.0, 0.5, 0.25),
+        *,
+        augment: bool = True,
+    ):
+        self.patch_size = int(check_positive(patch_size, "patch_size"))
+        items = list(images) if not isinstance(images, Tensor) else [x[None] for x in images]
+        self.scales = tuple(float(s) for s in scales)
+        self.augment = bool(augment)
+        p = self.patch_size
+        self.levels = [
+            [x for x in level if x.shape[-2] >= p and x.shape[-1] >= p] for level in image_pyramid(items, self.scales)
+        ]
+        empty = [s for s, level in zip(self.scales, self.levels, strict=True) if not level]
+        if empty:
+            raise ValueError(f"no image is at least {p}x{p} at scale(s) {empty}; use smaller patches or other scales")
+
+    def draw(self, n: int, generator: torch.Generator | None = None, rows: slice | None = None) -> Tensor:
+        """``n`` patches ``(n, C, P, P)`` (or only those of ``rows``); the generator advances as for all ``n``."""
+        p, n = self.patch_size, int(n)
+        scale = torch.randint(len(self.scales), (n,), generator=generator)
+        u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+        sym = torch.randint(8, (n,), generator=generator) if self.augment else torch.zeros(n, dtype=torch.long)
+        out = []
+        for i in range(n)[rows or slice(None)]:
+            level = self.levels[int(scale[i])]
+            x = level[min(int(u[i, 0] * len(level)), len(level) - 1)]
+            h, w = x.shape[-2:]
+            top = min(int(u[i, 1] * (h - p + 1)), h - p)
+            left = min(int(u[i, 2] * (w - p + 1)), w - p)
+            patch = x[0, :, top : top + p, left : left + p]
+            k = int(sym[i])
+            patch = torch.rot90(patch, k % 4, dims=(-2, -1))
+            out.append(patch.flip(-1) if k >= 4 else patch)
+        return torch.stack(out).contiguous()
+
+
 # ------------------------------------------------------------------------------------------------
 # Blur kernels
 # ------------------------------------------------------------------------------------------------

@@ -8,27 +8,37 @@ Determinism and resume: every random draw (shuffling, DVAE noise, reparameterisa
 ``torch.Generator`` seeded by ``seed``; its state, the model and the optimiser are checkpointed atomically
 after every epoch, so ``--resume`` continues an interrupted run to the same weights as an uninterrupted one.
 Checkpoints are loaded with ``torch.load(weights_only=True)`` (nothing is unpickled).
+
+Hierarchical VAE (``--arch hvae``, PnP-HVAE §6.2 PatchVDVAE): :func:`train_hvae` trains on random patches of the
+training images of :func:`~jpmap_core.data.bsd_split` (``--dataset bsd_patches``) with the ELBO and per-group
+KLs, Adamax (the paper's optimizer, after Efficient-VDVAE) or AdamW, gradient clipping, skipping of updates whose
+gradient norm exceeds a threshold (VDVAE), and an exponential moving average of the weights (the exported weights).
+It also runs under ``torchrun --nproc_per_node N -m jpmap_core.train ...`` (DistributedDataParallel; gloo on CPU,
+nccl on GPU): every process draws the whole batch's random numbers from the shared seeded generator and crops
+only its own rows, so N processes train the same weights as one (to float rounding of the gradient average).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import __version__
 from ._io import atomic_write, atomic_write_json
-from .data import ImageSet, load_mnist
-from .models import GaussianVAE, build_model
+from .data import ImageSet, PatchSampler, load_bsd_split, load_mnist
+from .models import HVAE, GaussianVAE, build_model
 
 
 @dataclass
@@ -47,6 +57,15 @@ class TrainConfig:
     n_test: int | None = None
     hflip: bool = False  # horizontal-flip augmentation (faces)
     data_root: str | None = None
+    # hierarchical VAE on patches (train_hvae); None for the DVAE recipes
+    patch_size: int | None = None
+    steps_per_epoch: int | None = None
+    optimizer: str | None = None  # adamax | adamw
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    grad_clip: float | None = None  # max gradient norm (per-dimension loss)
+    skip_threshold: float | None = None  # skip the update when the gradient norm exceeds it (0: never)
+    ema_rate: float | None = None
 
     # fields that may change between an interrupted run and its resumption
     RESUMABLE_CHANGES = ("epochs", "data_root")
@@ -105,6 +124,295 @@ def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
     return torch.load(_checkpoint_path(run_dir), map_location="cpu", weights_only=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# Hierarchical VAE on natural-image patches (PnP-HVAE §6.2)
+# ------------------------------------------------------------------------------------------------
+#: defaults of the hierarchical VAE recipe (``bsd_patch_hvae``: about an hour on one CPU core)
+HVAE_DEFAULTS: dict[str, Any] = {
+    "patch_size": 32,
+    "steps_per_epoch": 500,
+    "optimizer": "adamax",
+    "weight_decay": 0.0,
+    "warmup_steps": 200,
+    "grad_clip": 50.0,
+    "skip_threshold": 200.0,
+    "ema_rate": 0.999,
+}
+#: command-line defaults of ``--arch hvae`` that differ from the DVAE recipes
+HVAE_CLI_DEFAULTS: dict[str, Any] = {
+    "epochs": 20,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "model": {
+        "widths": [24, 32, 48, 64],
+        "groups": [0, 2, 2, 2],
+        "latent_channels": [3, 4, 6, 8],
+        "enc_blocks": [1, 1, 2, 2],
+        "gamma_init": 0.1,
+    },
+}
+
+
+PATCH_SCALES = (1.0, 0.5, 0.25)  # HR, x2 and x4 downsampled (PnP-HVAE §6.2)
+TEST_PATCH_SEED = 12345
+N_TEST_PATCHES = 512
+
+
+def hvae_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the hierarchical VAE recipe's defaults filled in (fields left ``None``)."""
+    filled = {k: v for k, v in HVAE_DEFAULTS.items() if getattr(cfg, k) is None}
+    return replace(cfg, **filled)
+
+
+def load_patch_data(
+    cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None
+) -> tuple[PatchSampler, Tensor, dict]:
+    """Training patch sampler, fixed test patches and the data description of a manifest.
+
+    ``data`` (``(train, test)`` image sets) defaults to CBSD68 split by :func:`~jpmap_core.data.bsd_split`.
+    Test patches: ``n_test`` (default 512) patches of the test images at the same scales, without flips,
+    from a generator seeded with 12345 (the same set for every run).
+    """
+    if cfg.dataset != "bsd_patches" and data is None:
+        raise ValueError(f"the hierarchical VAE trains on dataset 'bsd_patches', got {cfg.dataset!r}")
+    train_set, test_set = data if data is not None else load_bsd_split(cfg.data_root)
+    train_images = train_set.images if isinstance(train_set.images, list) else list(train_set.images[:, None])
+    test_images = test_set.images if isinstance(test_set.images, list) else list(test_set.images[:, None])
+    sampler = PatchSampler(train_images, cfg.patch_size, PATCH_SCALES, augment=True)
+    n_test = cfg.n_test or N_TEST_PATCHES
+    gen = torch.Generator().manual_seed(TEST_PATCH_SEED)
+    test = PatchSampler(test_images, cfg.patch_size, PATCH_SCALES, augment=False).draw(n_test, gen)
+    meta = {
+        "data_source": train_set.source,
+        "test_source": test_set.source,
+        "split_rule": "bsd_split: test = the 10 CBSD10 images + the first 10 other CBSD68 images in natural name "
+        "order; train = the other 48",
+        "train_images": list(train_set.names or []),
+        "test_images": list(test_set.names or []),
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+        "n_test_patches": n_test,
+        "test_patch_seed": TEST_PATCH_SEED,
+        "patch_size": cfg.patch_size,
+        "scales": list(PATCH_SCALES),
+        "augmentation": "random scale (uniform), image, position; flips and 90-degree rotations (8 symmetries)",
+    }
+    return sampler, test, meta
+
+
+@torch.no_grad()
+def evaluate_hvae(
+    model: HVAE, patches: Tensor, *, batch_size: int = 256, seed: int = TEST_PATCH_SEED, device: str = "cpu"
+) -> dict[str, Any]:
+    """Test ELBO of fixed patches: nats per patch, nats per dimension, and the mean KL of every group."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    n_lat = model.latent_shape[0] if tuple(patches.shape[1:]) == model.image_shape else None
+    nll_sum, kl_sum = 0.0, torch.zeros(model.n_groups, dtype=torch.float64)
+    for i in range(0, patches.shape[0], batch_size):
+        x = patches[i : i + batch_size]
+        n = n_lat or sum(c * h * w for c, h, w in model.group_shapes_at(*x.shape[-2:]))
+        eps = torch.randn(x.shape[0], n, generator=g).to(device)
+        nll, kl = model(x.to(device), None, eps)
+        nll_sum += float(nll.sum())
+        kl_sum += kl.sum(0).double().cpu()
+    model.train(was_training)
+    n, d = patches.shape[0], patches[0].numel()
+    elbo = -(nll_sum + float(kl_sum.sum())) / n
+    return {"elbo": elbo, "elbo_per_dim": elbo / d, "kl": (kl_sum / n).tolist()}
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamax":  # PnP-HVAE §6.2 (after Efficient-VDVAE)
+        return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":  # VDVAE
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9))
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'adamax' or 'adamw'")
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.mul_(rate).add_(p.detach(), alpha=1.0 - rate)
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
+        be.copy_(b)
+
+
+def train_hvae(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    data: tuple[ImageSet, ImageSet] | None = None,
+) -> tuple[HVAE, list[dict[str, Any]]]:
+    """Train (or resume) a hierarchical VAE on random patches; returns the EMA model (eval mode) and the log.
+
+    One step: a batch of ``batch_size`` patches (split over the processes of a DistributedDataParallel group),
+    one reparameterised sample per group, loss = negative ELBO per dimension (nats/dim); the gradient norm is
+    clipped to ``grad_clip`` and the update is skipped (and counted) when the norm exceeds ``skip_threshold``
+    or is not finite; the learning rate warms up linearly over ``warmup_steps``; the EMA of the weights is
+    updated after every applied step. An epoch is ``steps_per_epoch`` steps; after each, the EMA model's test
+    ELBO is computed and ``run_dir/checkpoint.pt`` (weights, EMA, optimizer, generator, log) is written
+    atomically by rank 0, so ``resume`` continues to the same weights as an uninterrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = hvae_config(cfg)
+    rank, world = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes {world}")
+    if cfg.optimizer not in ("adamax", "adamw"):
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'adamax' or 'adamw'")
+    run_dir = Path(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    sampler, test_patches, meta = load_patch_data(cfg, data)
+    model_cfg = dict(cfg.model)
+    model_cfg["image_shape"] = [3, cfg.patch_size, cfg.patch_size]
+    with torch.random.fork_rng(devices=[]):  # initial weights drawn from the run's seed, globals untouched
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg).to(device)
+    if not isinstance(model, HVAE):
+        raise ValueError(f"train_hvae trains the 'hvae' architecture, got {model_cfg.get('arch')!r}")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = _make_optimizer(cfg, model.parameters())
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same numbers whatever the device
+    log: list[dict[str, Any]] = []
+    start_epoch, step, skipped_total = 0, 0, 0
+    if resume and _checkpoint_path(run_dir).exists():
+        ck = _load_checkpoint(run_dir)
+        _check_same_recipe(run_dir, json.loads(ck["config"]), asdict(cfg))
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        log = json.loads(ck["log"])
+        start_epoch, step, skipped_total = int(ck["epoch"]), int(ck["step"]), int(ck["skipped"])
+    elif resume and rank == 0:
+        print(f"[train] no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+    if rank == 0:
+        atomic_write_json(run_dir / "config.json", asdict(cfg))
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
+    b = cfg.batch_size // world
+    rows = slice(rank * b, (rank + 1) * b)
+    n_latent, d = model.latent_shape[0], model.d
+    grad_clip = cfg.grad_clip if cfg.grad_clip else math.inf
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        sums = torch.zeros(1 + model.n_groups, dtype=torch.float64)  # nll, kl per group (summed over images)
+        skipped, norms = 0, []
+        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank)
+        for _ in bar:
+            x = sampler.draw(cfg.batch_size, gen, rows).to(device)
+            x_enc = None
+            if cfg.sigma_dvae > 0:
+                noise = torch.randn(cfg.batch_size, *x.shape[1:], generator=gen)[rows].to(device)
+                x_enc = x + (cfg.sigma_dvae / 255.0) * noise
+            eps = torch.randn(cfg.batch_size, n_latent, generator=gen)[rows].to(device)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            nll, kl = net(x, x_enc, eps)
+            loss = (nll + kl.sum(1)).mean() / d
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+            if math.isfinite(norm) and not (cfg.skip_threshold and norm > cfg.skip_threshold):
+                opt.step()
+                _ema_update(ema, model, cfg.ema_rate)
+            else:
+                skipped += 1
+            step += 1
+            norms.append(norm)
+            sums += torch.cat([nll.detach().sum()[None], kl.detach().sum(0)]).double().cpu()
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", gamma=f"{float(model.gamma.detach()):.4f}")
+        if world > 1:
+            import torch.distributed as dist
+
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        seconds = time.perf_counter() - t0
+        skipped_total += skipped
+        n_images = cfg.steps_per_epoch * cfg.batch_size
+        train_kl = (sums[1:] / n_images).tolist()
+        train_elbo = -float(sums.sum()) / n_images
+        if rank == 0:
+            test = evaluate_hvae(ema, test_patches, device=device)
+            finite = [v for v in norms if math.isfinite(v)]
+            entry = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": -train_elbo / d,  # nats per dimension, the optimised quantity
+                "train_elbo": train_elbo,
+                "train_elbo_per_dim": train_elbo / d,
+                "train_kl": train_kl,
+                "test_elbo": test["elbo"],
+                "test_elbo_per_dim": test["elbo_per_dim"],
+                "test_kl": test["kl"],
+                "skipped": skipped,
+                "skipped_total": skipped_total,
+                "grad_norm_median": float(torch.tensor(finite).median()) if finite else math.nan,
+                "grad_norm_max": max(norms),
+                "gamma": float(model.gamma.detach()),
+                "lr": lr,
+                "seconds": seconds,
+                "images_per_s": n_images / seconds,
+            }
+            log.append(entry)
+            _save_checkpoint(
+                run_dir,
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "skipped": skipped_total,
+                    "log": json.dumps(log),
+                    "config": json.dumps(asdict(cfg)),
+                    "meta": json.dumps(meta),
+                },
+            )
+            atomic_write_json(run_dir / "log.json", {"meta": meta, "epochs": log})
+            kls = " ".join(f"{v:.1f}" for v in train_kl)
+            print(
+                f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs} step {step}  train ELBO {train_elbo / d:.4f}/dim  "
+                f"test ELBO {test['elbo_per_dim']:.4f}/dim ({test['elbo']:.1f} nats)  KL [{kls}]  "
+                f"skipped {skipped}  gamma {entry['gamma']:.5f}  {seconds:.0f}s  {entry['images_per_s']:.0f} img/s",
+                flush=True,
+            )
+    ema.eval()
+    return ema, log
+
+
+def _check_same_recipe(run_dir: Path, saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    diff = {k for k in mine if saved.get(k) != mine[k] and k not in TrainConfig.RESUMABLE_CHANGES}
+    if diff:
+        raise ValueError(
+            f"cannot resume {run_dir}: the checkpoint was trained with different "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in sorted(diff))
+        )
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -113,12 +421,14 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     data: tuple[ImageSet, ImageSet] | None = None,
-) -> tuple[GaussianVAE, list[dict[str, Any]]]:
-    """Train (or resume) a DVAE; returns the model and the per-epoch log.
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train (or resume) a DVAE; returns the model and the per-epoch log (``--arch hvae``: :func:`train_hvae`).
 
     ``run_dir`` receives ``checkpoint.pt`` (every epoch, atomic), ``log.json`` (per-epoch train/test ELBO,
     gamma, seconds) and ``config.json``.
     """
+    if cfg.model.get("arch") == "hvae":
+        return train_hvae(cfg, run_dir, resume=resume, device=device, progress=progress, data=data)
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
@@ -212,8 +522,10 @@ def train(
     return vae, log
 
 
-def manifest_entry(cfg: TrainConfig, vae: GaussianVAE, log: list[dict[str, Any]], meta: dict[str, Any]) -> dict:
+def manifest_entry(cfg: TrainConfig, vae: nn.Module, log: list[dict[str, Any]], meta: dict[str, Any]) -> dict:
     """Everything a manifest records about a trained prior (sha256 and file are added on export)."""
+    if isinstance(vae, HVAE):
+        return _hvae_manifest_entry(hvae_config(cfg), vae, log, meta)
     return {
         "model": vae.config(),
         "recipe": {
@@ -241,7 +553,55 @@ def manifest_entry(cfg: TrainConfig, vae: GaussianVAE, log: list[dict[str, Any]]
     }
 
 
+def _hvae_manifest_entry(cfg: TrainConfig, vae: HVAE, log: list[dict[str, Any]], meta: dict[str, Any]) -> dict:
+    last = log[-1] if log else {}
+    return {
+        "model": vae.config(),
+        "recipe": {
+            "criterion": "ELBO (PnP-HVAE eq. 4; eqs. 6-9 with analytic per-group Gaussian KLs), one sample per group"
+            + (f", denoising encoder input sigma {cfg.sigma_dvae:g}/255" if cfg.sigma_dvae > 0 else ""),
+            "loss_units": "nats per dimension",
+            "sigma_dvae": cfg.sigma_dvae,
+            "optimizer": {"adamax": "Adamax (PnP-HVAE §6.2)", "adamw": "AdamW (VDVAE), betas (0.9, 0.9)"}[
+                cfg.optimizer
+            ],
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "warmup_steps": cfg.warmup_steps,
+            "batch_size": cfg.batch_size,
+            "steps_per_epoch": cfg.steps_per_epoch,
+            "epochs": cfg.epochs,
+            "grad_clip": cfg.grad_clip,
+            "skip_threshold": cfg.skip_threshold,
+            "ema_rate": cfg.ema_rate,
+            "exported_weights": "EMA",
+            "seed": cfg.seed,
+            "patch_size": cfg.patch_size,
+            "gamma_init": vae.gamma_init,
+            "gamma_learned": vae.learn_gamma,
+        },
+        "data": {"dataset": cfg.dataset, **meta},
+        "epochs": len(log),
+        "steps": last.get("step", 0),
+        "skipped_updates": last.get("skipped_total", 0),
+        "final_test_elbo": last.get("test_elbo"),
+        "final_test_elbo_per_dim": last.get("test_elbo_per_dim"),
+        "final_test_kl": last.get("test_kl"),
+        "final_train_elbo": last.get("train_elbo"),
+        "gamma": float(vae.gamma.detach()),
+        "gamma_kind": "learned" if vae.learn_gamma else "fixed",
+        "beta": vae.beta,
+        "training_seconds": float(sum(e["seconds"] for e in log)),
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} torch threads={torch.get_num_threads()}".strip(),
+        "command": "python -m jpmap_core.train " + " ".join(_cli_args(cfg)),
+    }
+
+
 def _cli_args(cfg: TrainConfig) -> list[str]:
+    if cfg.model.get("arch") == "hvae":
+        return _hvae_cli_args(hvae_config(cfg))
     args = ["--name", cfg.name, "--dataset", cfg.dataset, "--arch", cfg.model.get("arch", "mlp")]
     if "latent_dim" in cfg.model:
         args += ["--latent-dim", str(cfg.model["latent_dim"])]
@@ -258,27 +618,99 @@ def _cli_args(cfg: TrainConfig) -> list[str]:
     return args
 
 
+def _hvae_cli_args(cfg: TrainConfig) -> list[str]:
+    m = cfg.model
+    args = ["--name", cfg.name, "--dataset", cfg.dataset, "--arch", "hvae", "--patch-size", str(cfg.patch_size)]
+    for key in ("widths", "groups", "latent_channels", "enc_blocks"):
+        if key in m:
+            value = m[key]
+            args += [
+                f"--{key.replace('_', '-')}",
+                ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value),
+            ]
+    if "bottleneck" in m:
+        args += ["--bottleneck", f"{m['bottleneck']:g}"]
+    if "gamma_init" in m:
+        args += ["--gamma-init", f"{m['gamma_init']:g}"]
+    if m.get("learn_gamma") is False:
+        args.append("--fixed-gamma")
+    args += ["--sigma-dvae", f"{cfg.sigma_dvae:g}", "--epochs", str(cfg.epochs)]
+    args += ["--steps-per-epoch", str(cfg.steps_per_epoch), "--batch-size", str(cfg.batch_size)]
+    args += ["--optimizer", cfg.optimizer, "--lr", f"{cfg.lr:g}", "--weight-decay", f"{cfg.weight_decay:g}"]
+    args += ["--warmup-steps", str(cfg.warmup_steps), "--grad-clip", f"{cfg.grad_clip:g}"]
+    args += ["--skip-threshold", f"{cfg.skip_threshold:g}", "--ema-rate", f"{cfg.ema_rate:g}", "--seed", str(cfg.seed)]
+    if cfg.n_test is not None:
+        args += ["--n-test", str(cfg.n_test)]
+    return args
+
+
+def _init_distributed(device: str) -> tuple[str, bool]:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE > 1``): nccl on GPUs, gloo on CPUs.
+    Returns this process's device and whether a group was started."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, True
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jpmap_core.train", description=__doc__.split("\n")[0])
     p.add_argument("--name", required=True, help="prior name, e.g. mnist_mlp_dvae15")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "celeba64"])
-    p.add_argument("--arch", default=None, choices=["mlp", "conv"], help="default: mlp for mnist, conv otherwise")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "celeba64", "bsd_patches"])
+    p.add_argument(
+        "--arch", default=None, choices=["mlp", "conv", "hvae"],
+        help="default: mlp for mnist, conv for celeba64, hvae for bsd_patches",
+    )  # fmt: skip
     p.add_argument("--latent-dim", type=int, default=None)
-    p.add_argument("--widths", default=None, help="conv widths, e.g. 32,64,128,256")
+    p.add_argument("--widths", default=None, help="conv widths, e.g. 32,64,128,256; hvae: per resolution, finest first")
     p.add_argument("--fc-dim", type=int, default=None, help="conv: width of the fully connected layers")
     p.add_argument(
         "--gamma-init", type=float, default=None,
-        help="initial decoder std gamma (default 1.0); learned as log(gamma), so a short run should start near it",
+        help="initial decoder std gamma (default 1.0; hvae 0.1); learned as log(gamma), so a short run should start "
+        "near it (hvae with --fixed-gamma: its fixed value)",
     )  # fmt: skip
-    p.add_argument("--sigma-dvae", type=float, default=15.0, help="DVAE noise std on the 0-255 scale")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--sigma-dvae", type=float, default=None,
+        help="DVAE noise std on the 0-255 scale (default 15; hvae: 0, the plain ELBO)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None, help=f"default 200 (hvae: {HVAE_CLI_DEFAULTS['epochs']})")
+    p.add_argument("--lr", type=float, default=None, help=f"default 1e-4 (hvae: {HVAE_CLI_DEFAULTS['lr']:g})")
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"default 128 (hvae: {HVAE_CLI_DEFAULTS['batch_size']}, the total over all processes)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None, help=f"hvae: number of test patches ({N_TEST_PATCHES})")
     p.add_argument("--hflip", action="store_true")
     p.add_argument("--data-root", default=None)
+    h = p.add_argument_group("hierarchical VAE (--arch hvae, --dataset bsd_patches)")
+    h.add_argument("--patch-size", type=int, default=None, help=f"default {HVAE_DEFAULTS['patch_size']}")
+    h.add_argument("--groups", default=None, help="latent groups per resolution, finest first, e.g. 0,2,2,2")
+    h.add_argument("--latent-channels", default=None, help="latent channels per resolution, finest first")
+    h.add_argument("--enc-blocks", default=None, help="encoder residual blocks per resolution, finest first")
+    h.add_argument("--bottleneck", type=float, default=None, help="middle-width ratio of the blocks (0.25)")
+    h.add_argument("--fixed-gamma", action="store_true", help="keep gamma fixed at --gamma-init (not learned)")
+    h.add_argument("--steps-per-epoch", type=int, default=None, help=f"default {HVAE_DEFAULTS['steps_per_epoch']}")
+    h.add_argument("--optimizer", default=None, choices=["adamax", "adamw"], help="default adamax (the paper's)")
+    h.add_argument("--weight-decay", type=float, default=None)
+    h.add_argument("--warmup-steps", type=int, default=None, help=f"default {HVAE_DEFAULTS['warmup_steps']}")
+    h.add_argument("--grad-clip", type=float, default=None, help=f"default {HVAE_DEFAULTS['grad_clip']:g}")
+    h.add_argument(
+        "--skip-threshold", type=float, default=None,
+        help=f"skip updates whose gradient norm exceeds it (default {HVAE_DEFAULTS['skip_threshold']:g}; 0: never)",
+    )  # fmt: skip
+    h.add_argument("--ema-rate", type=float, default=None, help=f"default {HVAE_DEFAULTS['ema_rate']:g}")
     p.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint.pt")
     p.add_argument("--export", default=None, metavar="DIR", help="write safetensors + manifest entry into DIR")
@@ -288,32 +720,81 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    arch = a.arch or ("mlp" if a.dataset == "mnist" else "conv")
-    model: dict[str, Any] = {"arch": arch}
-    if a.latent_dim is not None:
-        model["latent_dim"] = a.latent_dim
-    if a.widths:
-        model["widths"] = [int(v) for v in a.widths.split(",")]
-    if a.fc_dim is not None:
-        model["fc_dim"] = a.fc_dim
+    arch = a.arch or {"mnist": "mlp", "celeba64": "conv", "bsd_patches": "hvae"}[a.dataset]
+    if (arch == "hvae") != (a.dataset == "bsd_patches"):
+        p.error(f"--arch hvae trains on --dataset bsd_patches (and only it); got --arch {arch} --dataset {a.dataset}")
+    if arch == "hvae":
+        cfg = _hvae_cli_config(p, a)
+    else:
+        hvae_only = [f for f in ("patch_size", "groups", "latent_channels", "enc_blocks", "bottleneck",
+                                 "steps_per_epoch", "optimizer", "weight_decay", "warmup_steps", "grad_clip",
+                                 "skip_threshold", "ema_rate") if getattr(a, f) is not None]  # fmt: skip
+        if hvae_only or a.fixed_gamma:
+            p.error(f"--{(hvae_only or ['fixed_gamma'])[0].replace('_', '-')} is an option of --arch hvae")
+        model: dict[str, Any] = {"arch": arch}
+        if a.latent_dim is not None:
+            model["latent_dim"] = a.latent_dim
+        if a.widths:
+            model["widths"] = [int(v) for v in a.widths.split(",")]
+        if a.fc_dim is not None:
+            model["fc_dim"] = a.fc_dim
+        if a.gamma_init is not None:
+            model["gamma_init"] = a.gamma_init
+        if a.dataset == "celeba64":
+            model.setdefault("image_shape", [3, 64, 64])
+        cfg = TrainConfig(
+            name=a.name, dataset=a.dataset, model=model,
+            sigma_dvae=15.0 if a.sigma_dvae is None else a.sigma_dvae,
+            epochs=200 if a.epochs is None else a.epochs, lr=1e-4 if a.lr is None else a.lr,
+            batch_size=128 if a.batch_size is None else a.batch_size, seed=a.seed, n_train=a.n_train,
+            n_test=a.n_test, hflip=a.hflip, data_root=a.data_root,
+        )  # fmt: skip
+    device, distributed = _init_distributed(a.device)
+    if distributed and arch != "hvae":
+        p.error("distributed training (torchrun) is implemented for --arch hvae only")
+    run_dir = Path(a.run_dir or Path("runs") / a.name)
+    try:
+        vae, log = train(cfg, run_dir, resume=a.resume, device=device, progress=not a.no_progress)
+        if a.export and _distributed()[0] == 0:
+            from .pretrained import export_pretrained
+
+            meta = json.loads((run_dir / "log.json").read_text())["meta"]
+            entry = export_pretrained(vae.cpu(), a.name, manifest_entry(cfg, vae, log, meta), a.export)
+            print(f"[train] exported {a.name}: sha256 {entry['sha256']}  test ELBO {entry['final_test_elbo']:.2f}")
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _hvae_cli_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> TrainConfig:
+    if a.latent_dim is not None or a.fc_dim is not None or a.n_train is not None or a.hflip:
+        p.error("--latent-dim, --fc-dim, --n-train and --hflip are not options of --arch hvae "
+                "(see --latent-channels, --groups, --widths; patches are always flipped and rotated)")  # fmt: skip
+    d = HVAE_CLI_DEFAULTS
+    model: dict[str, Any] = {"arch": "hvae", **d["model"]}
+    for key in ("widths", "groups", "latent_channels", "enc_blocks"):
+        if getattr(a, key) is not None:
+            model[key] = _ints(getattr(a, key))
+    if a.bottleneck is not None:
+        model["bottleneck"] = a.bottleneck
     if a.gamma_init is not None:
         model["gamma_init"] = a.gamma_init
-    if a.dataset == "celeba64":
-        model.setdefault("image_shape", [3, 64, 64])
+    if a.fixed_gamma:
+        model["learn_gamma"] = False
+    patch = a.patch_size or HVAE_DEFAULTS["patch_size"]
+    model["image_shape"] = [3, patch, patch]
     cfg = TrainConfig(
-        name=a.name, dataset=a.dataset, model=model, sigma_dvae=a.sigma_dvae, epochs=a.epochs, lr=a.lr,
-        batch_size=a.batch_size, seed=a.seed, n_train=a.n_train, n_test=a.n_test, hflip=a.hflip,
-        data_root=a.data_root,
+        name=a.name, dataset=a.dataset, model=model, sigma_dvae=0.0 if a.sigma_dvae is None else a.sigma_dvae,
+        epochs=d["epochs"] if a.epochs is None else a.epochs, lr=d["lr"] if a.lr is None else a.lr,
+        batch_size=d["batch_size"] if a.batch_size is None else a.batch_size, seed=a.seed, n_test=a.n_test,
+        data_root=a.data_root, patch_size=patch, steps_per_epoch=a.steps_per_epoch, optimizer=a.optimizer,
+        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, grad_clip=a.grad_clip,
+        skip_threshold=a.skip_threshold, ema_rate=a.ema_rate,
     )  # fmt: skip
-    run_dir = Path(a.run_dir or Path("runs") / a.name)
-    vae, log = train(cfg, run_dir, resume=a.resume, device=a.device, progress=not a.no_progress)
-    if a.export:
-        from .pretrained import export_pretrained
-
-        meta = json.loads((run_dir / "log.json").read_text())["meta"]
-        entry = export_pretrained(vae.cpu(), a.name, manifest_entry(cfg, vae, log, meta), a.export)
-        print(f"[train] exported {a.name}: sha256 {entry['sha256']}  test ELBO {entry['final_test_elbo']:.2f}")
-    return 0
+    return hvae_config(cfg)
 
 
 if __name__ == "__main__":
