@@ -402,6 +402,11 @@ class HVAE(_PriorAtSize, nn.Module):
         fixed value (PnP-HVAE uses a fixed ``decoder_std``, e.g. 10/255, at restoration time).
     :param learn_gamma: learn ``log_gamma`` (a parameter, as :class:`~jpmap_core.models.GaussianVAE`) or keep it
         fixed (a buffer). Both are stored in the state dict under ``log_gamma``.
+
+    The defaults are the shipped ``bsd_patch_hvae`` (32x32 patches, stride 8, ``L = 6`` groups: two at each of
+    the strides 8, 4 and 2, none at full resolution; a CPU-sized PatchVDVAE, whose paper version has
+    ``L = 18`` and 64x64 receptive field). A small learned ``gamma`` start keeps the latents in use early on (a
+    start at 0.1 gave blurred reconstructions that kept ``gamma`` large).
     """
 
     arch = "hvae"
@@ -409,12 +414,12 @@ class HVAE(_PriorAtSize, nn.Module):
     def __init__(
         self,
         image_shape: tuple[int, int, int] = (3, 32, 32),
-        widths: Sequence[int] = (32, 48, 64, 64),
-        groups: Sequence[int] = (1, 2, 2, 1),
-        latent_channels: int | Sequence[int] = 4,
-        enc_blocks: int | Sequence[int] = 1,
+        widths: Sequence[int] = (24, 32, 48, 64),
+        groups: Sequence[int] = (0, 2, 2, 2),
+        latent_channels: int | Sequence[int] = (3, 4, 6, 8),
+        enc_blocks: int | Sequence[int] = (1, 1, 2, 2),
         bottleneck: float = 0.25,
-        gamma_init: float = 0.1,
+        gamma_init: float = 0.03,
         learn_gamma: bool = True,
     ):
         nn.Module.__init__(self)
