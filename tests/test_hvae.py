@@ -340,3 +340,10 @@ def test_export_then_load_round_trip(tmp_path, learn_gamma):
     x = _images(2, 16, 8).float()
     torch.testing.assert_close(loaded.reconstruct(x, 0.7), m.reconstruct(x, 0.7))
     assert float(loaded.gamma) == pytest.approx(0.05)
+
+
+def test_decode_with_prior_is_decode_and_neg_log_prior_in_one_pass(hvae):
+    z = torch.randn(2, hvae.latent_shape[0], dtype=torch.float64)
+    mu, nlp = hvae.at_size(8, 8).decode_with_prior(z, [0.9, 0.8, 0.7])
+    assert torch.equal(mu, hvae.decode(z))
+    torch.testing.assert_close(nlp, hvae.neg_log_prior(z, [0.9, 0.8, 0.7]), rtol=1e-12, atol=0)

@@ -305,7 +305,10 @@ class _PriorAtSize:
         log-variance terms ``sum log sigma^2_{theta,l}(z_<l) / 2`` depend on ``z`` through the earlier groups and
         stay. ``tau=None`` means 1 (the untempered prior).
         """
-        return self.decode_with_prior(z, tau)[1]
+        taus = check_temperature(tau, self.n_groups)
+        self._check_z(z)
+        _, groups = self._net._top_down(None, self._hw, z.shape[0], _given(self.unpack(z)), output=False)
+        return _tempered_neg_log_prior(groups, taus)
 
     def decode_with_prior(
         self, z: Tensor, tau: Temperature | None = None, *, check: bool = True
@@ -315,10 +318,7 @@ class _PriorAtSize:
         if check:
             self._check_z(z)
         mu, groups = self._net._top_down(None, self._hw, z.shape[0], _given(self.unpack(z)))
-        nlp = sum(
-            gaussian_nll(g.z, g.p_mean, g.p_logvar).flatten(1).sum(1) / t**2 for g, t in zip(groups, taus, strict=True)
-        )
-        return mu, nlp
+        return mu, _tempered_neg_log_prior(groups, taus)
 
     # ---- PnP-HVAE ---------------------------------------------------------------------------------
     def encode_tempered(self, x: Tensor, tau: Temperature = 1.0, *, allow_out_of_range: bool = False) -> Tensor:
@@ -361,6 +361,13 @@ class _PriorAtSize:
     def neg_log_likelihood(self, x: Tensor, mu_x: Tensor) -> Tensor:
         """``-log p_theta(x | z) = ||x - mu||^2 / (2 gamma^2) + d (log gamma + log(2 pi) / 2)`` per image (eq. 9)."""
         return self._net.neg_log_likelihood(x, mu_x)
+
+
+def _tempered_neg_log_prior(groups: list[GroupGaussians], taus: list[float]) -> Tensor:
+    """``sum_l (1 / tau_l^2) (-log p(z_l | z_<l))`` per image, ``log(2 pi) / 2`` constants dropped (eq. 15)."""
+    return sum(
+        gaussian_nll(g.z, g.p_mean, g.p_logvar).flatten(1).sum(1) / t**2 for g, t in zip(groups, taus, strict=True)
+    )
 
 
 def _posterior_mean(k: int, g: GroupGaussians) -> Tensor:
