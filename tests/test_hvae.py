@@ -123,7 +123,12 @@ def _lbfgs_min(f, z0: torch.Tensor) -> torch.Tensor:
 def test_alg1_single_group_matches_brute_force_minimisation_of_J2(tau):
     """With one group, Algorithm 1 is argmin_z J2(x, z) (eq. 17) for the prior N(0, I): compare with LBFGS."""
     torch.manual_seed(0)
-    m = HVAE(image_shape=(3, 4, 4), widths=(5,), groups=(1,), latent_channels=2).double().eval().requires_grad_(False)
+    m = (
+        HVAE(image_shape=(3, 4, 4), widths=(5,), groups=(1,), latent_channels=2, enc_blocks=1)
+        .double()
+        .eval()
+        .requires_grad_(False)
+    )
     x = _images(2, 4, 4)
     lam = 1 / tau**2 - 1
     z_alg1 = m.encode_tempered(x, tau)
@@ -276,7 +281,7 @@ def test_noisy_inputs_are_accepted_only_when_asked(hvae):
 
 def test_bad_constructor_arguments_raise():
     with pytest.raises(ValueError, match="multiples of the total stride 4"):
-        HVAE(image_shape=(3, 10, 12), widths=(4, 4, 4), groups=(1, 1, 1))
+        HVAE(image_shape=(3, 10, 12), widths=(4, 4, 4), groups=(1, 1, 1), latent_channels=2, enc_blocks=1)
     with pytest.raises(ValueError, match="top group"):
         HVAE(image_shape=(3, 8, 8), widths=(4, 4), groups=(1, 0))
     with pytest.raises(ValueError, match="one value per resolution"):
@@ -335,3 +340,10 @@ def test_export_then_load_round_trip(tmp_path, learn_gamma):
     x = _images(2, 16, 8).float()
     torch.testing.assert_close(loaded.reconstruct(x, 0.7), m.reconstruct(x, 0.7))
     assert float(loaded.gamma) == pytest.approx(0.05)
+
+
+def test_decode_with_prior_is_decode_and_neg_log_prior_in_one_pass(hvae):
+    z = torch.randn(2, hvae.latent_shape[0], dtype=torch.float64)
+    mu, nlp = hvae.at_size(8, 8).decode_with_prior(z, [0.9, 0.8, 0.7])
+    assert torch.equal(mu, hvae.decode(z))
+    torch.testing.assert_close(nlp, hvae.neg_log_prior(z, [0.9, 0.8, 0.7]), rtol=1e-12, atol=0)

@@ -239,3 +239,10 @@ def test_two_processes_train_the_weights_of_one_process_on_the_full_batch(tmp_pa
         for k, v in one[part].items():
             torch.testing.assert_close(two[part][k], v, rtol=1e-4, atol=1e-5, msg=f"{part} {k}")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "config.json", "log.json"]
+
+
+def test_the_cli_default_architecture_is_the_models_default():
+    from jpmap_core.train import HVAE_CLI_DEFAULTS
+
+    default = HVAE().config()
+    assert {k: default[k] for k in HVAE_CLI_DEFAULTS["model"]} == HVAE_CLI_DEFAULTS["model"]

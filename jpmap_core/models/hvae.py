@@ -305,7 +305,10 @@ class _PriorAtSize:
         log-variance terms ``sum log sigma^2_{theta,l}(z_<l) / 2`` depend on ``z`` through the earlier groups and
         stay. ``tau=None`` means 1 (the untempered prior).
         """
-        return self.decode_with_prior(z, tau)[1]
+        taus = check_temperature(tau, self.n_groups)
+        self._check_z(z)
+        _, groups = self._net._top_down(None, self._hw, z.shape[0], _given(self.unpack(z)), output=False)
+        return _tempered_neg_log_prior(groups, taus)
 
     def decode_with_prior(
         self, z: Tensor, tau: Temperature | None = None, *, check: bool = True
@@ -315,10 +318,7 @@ class _PriorAtSize:
         if check:
             self._check_z(z)
         mu, groups = self._net._top_down(None, self._hw, z.shape[0], _given(self.unpack(z)))
-        nlp = sum(
-            gaussian_nll(g.z, g.p_mean, g.p_logvar).flatten(1).sum(1) / t**2 for g, t in zip(groups, taus, strict=True)
-        )
-        return mu, nlp
+        return mu, _tempered_neg_log_prior(groups, taus)
 
     # ---- PnP-HVAE ---------------------------------------------------------------------------------
     def encode_tempered(self, x: Tensor, tau: Temperature = 1.0, *, allow_out_of_range: bool = False) -> Tensor:
@@ -382,6 +382,13 @@ class _PriorAtSize:
         return self._net.neg_log_likelihood(x, mu_x)
 
 
+def _tempered_neg_log_prior(groups: list[GroupGaussians], taus: list[float]) -> Tensor:
+    """``sum_l (1 / tau_l^2) (-log p(z_l | z_<l))`` per image, ``log(2 pi) / 2`` constants dropped (eq. 15)."""
+    return sum(
+        gaussian_nll(g.z, g.p_mean, g.p_logvar).flatten(1).sum(1) / t**2 for g, t in zip(groups, taus, strict=True)
+    )
+
+
 def _posterior_mean(k: int, g: GroupGaussians) -> Tensor:
     return g.q_mean
 
@@ -421,6 +428,11 @@ class HVAE(_PriorAtSize, nn.Module):
         fixed value (PnP-HVAE uses a fixed ``decoder_std``, e.g. 10/255, at restoration time).
     :param learn_gamma: learn ``log_gamma`` (a parameter, as :class:`~jpmap_core.models.GaussianVAE`) or keep it
         fixed (a buffer). Both are stored in the state dict under ``log_gamma``.
+
+    The defaults are the shipped ``bsd_patch_hvae`` (32x32 patches, stride 8, ``L = 6`` groups: two at each of
+    the strides 8, 4 and 2, none at full resolution; a CPU-sized PatchVDVAE, whose paper version has
+    ``L = 18`` and 64x64 receptive field). A small learned ``gamma`` start keeps the latents in use early on (a
+    start at 0.1 gave blurred reconstructions that kept ``gamma`` large).
     """
 
     arch = "hvae"
@@ -428,12 +440,12 @@ class HVAE(_PriorAtSize, nn.Module):
     def __init__(
         self,
         image_shape: tuple[int, int, int] = (3, 32, 32),
-        widths: Sequence[int] = (32, 48, 64, 64),
-        groups: Sequence[int] = (1, 2, 2, 1),
-        latent_channels: int | Sequence[int] = 4,
-        enc_blocks: int | Sequence[int] = 1,
+        widths: Sequence[int] = (24, 32, 48, 64),
+        groups: Sequence[int] = (0, 2, 2, 2),
+        latent_channels: int | Sequence[int] = (3, 4, 6, 8),
+        enc_blocks: int | Sequence[int] = (1, 1, 2, 2),
         bottleneck: float = 0.25,
-        gamma_init: float = 0.1,
+        gamma_init: float = 0.03,
         learn_gamma: bool = True,
     ):
         nn.Module.__init__(self)
