@@ -292,3 +292,30 @@ def test_the_stop_button_ends_a_background_run():
     ex.wait(30)
     assert not ex._running() and ex.error.startswith("Stopped after")
     assert ex.stop_button.disabled and not ex.run_button.disabled
+
+
+def test_notebook_00_explorer_prints_its_summary_line_once(monkeypatch, prior, digits):
+    """The first explorer (jpmap_core.widgets) shows the summary as its status line, not again as the figure's title."""
+    from jpmap_core import widgets
+
+    figures = []
+    real = widgets.render
+    monkeypatch.setattr(widgets, "render", lambda result, **kw: figures.append(real(result, **kw)) or figures[-1])
+    box = widgets.build_explorer(prior, digits, defaults={"algorithm": "csgm", "adam_max_iters": 10})
+    ex = box.explorer
+    assert ex.status.value == ex.result.summary().replace("'", "&#x27;")
+    assert len(figures) == 1 and figures[0]._suptitle is None
+    assert real(ex.result)._suptitle.get_text() == ex.result.summary()  # render alone keeps its title
+
+
+def test_the_explorer_notebook_is_committed_without_outputs_and_shows_the_explorer():
+    import nbformat
+
+    from jpmap_core import reproduce
+
+    path = E.__file__.rsplit("jpmap_core", 1)[0] + "notebooks/explorer.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert any('explorer(query=os.environ.get("QUERY_STRING"))' in c.source for c in code)
+    assert "explorer.ipynb" not in {p.name for p in reproduce.discover_notebooks()}  # not one of the NN_ notebooks
