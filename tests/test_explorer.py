@@ -4,10 +4,12 @@ The page itself, in a browser, is tested in tests/test_explorer_browser.py."""
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,7 +305,7 @@ def test_notebook_00_explorer_prints_its_summary_line_once(monkeypatch, prior, d
     monkeypatch.setattr(widgets, "render", lambda result, **kw: figures.append(real(result, **kw)) or figures[-1])
     box = widgets.build_explorer(prior, digits, defaults={"algorithm": "csgm", "adam_max_iters": 10})
     ex = box.explorer
-    assert ex.status.value == ex.result.summary().replace("'", "&#x27;")
+    assert ex.status.value == html.escape(ex.result.summary())
     assert len(figures) == 1 and figures[0]._suptitle is None
     assert real(ex.result)._suptitle.get_text() == ex.result.summary()  # render alone keeps its title
 
@@ -313,8 +315,7 @@ def test_the_explorer_notebook_is_committed_without_outputs_and_shows_the_explor
 
     from jpmap_core import reproduce
 
-    path = E.__file__.rsplit("jpmap_core", 1)[0] + "notebooks/explorer.ipynb"
-    nb = nbformat.read(path, as_version=4)
+    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "explorer.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
     assert any('explorer(query=os.environ.get("QUERY_STRING"))' in c.source for c in code)
