@@ -265,7 +265,7 @@ def _prior_types(solver: Callable) -> tuple[type, ...]:
         return ()
     union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
     args = typing.get_args(hint) if union else (hint,)
-    return tuple(a for a in args if isinstance(a, type) and a is not Any)
+    return tuple(a for a in args if isinstance(a, type) and a not in (Any, type(None)))
 
 
 def prior_problem(method: str, prior: object) -> str | None:
@@ -721,7 +721,7 @@ def _show(ax: Any, t: Tensor, cmap: str = "gray", vmax: float = 1.0) -> None:
     ax.set_yticks([])
 
 
-def render(outcome: Outcome, *, dpi: int = 90):
+def render(outcome: Outcome, *, dpi: int = 80):
     """One figure (a :class:`matplotlib.figure.Figure`, no pyplot state: safe in a worker thread): (a) the images
     with PSNR / SSIM, the std map and the last posterior sample; (b) the objective along the iterations. The summary
     line is not repeated in the figure (the page shows it as text)."""
@@ -731,7 +731,7 @@ def render(outcome: Outcome, *, dpi: int = 90):
     if outcome.samples:
         images["sample"] = outcome.samples[-1]
     n = len(images)
-    fig = Figure(figsize=(1.55 * n + 3.0, 2.3), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(1.3 * n + 2.6, 2.2), dpi=dpi, layout="constrained")
     gs = fig.add_gridspec(1, n + 1, width_ratios=[1] * n + [1.9])
     for j, (label, t) in enumerate(images.items()):
         ax = fig.add_subplot(gs[0, j])
@@ -977,14 +977,18 @@ class Explorer:
         if name is None:
             return
         self.options_box.children = list(self.option_controls[name].values())
-        prior = getattr(self, "_method_prior", None)
-        why = prior_problem(name, prior) if prior is not None else None
+        why = self._blocked()
         spec = method_spec(name)
         note = html.escape(spec.note) if spec.note else ""
         if why:
             note = f"<span style='color:#b00'>Not available: {html.escape(why)}</span>"
         self.method_note.value = f"<small>{note}</small>" if note else ""
         self.run_button.disabled = bool(why) or self._running()
+
+    def _blocked(self) -> str | None:
+        """Why the chosen method cannot run on the chosen prior, or None."""
+        prior = getattr(self, "_method_prior", None)
+        return prior_problem(self.method.value, prior) if prior is not None and self.method.value else None
 
     def _on_data(self, _: Any) -> None:
         self._fill_priors()
@@ -1086,7 +1090,7 @@ class Explorer:
             return None
         finally:
             self.stop_button.disabled = True
-            self.run_button.disabled = False
+            self.run_button.disabled = bool(self._blocked())  # the method may have been changed meanwhile
         self.outcome = outcome
         self.progress.value = ""
         self.pin_button.disabled = False
@@ -1100,11 +1104,11 @@ class Explorer:
     def _card(self, outcome: Outcome, current: bool) -> Any:
         w = self.w
         head = (
-            f"<div class='jpmap-summary' style='font-size:12px;max-width:820px'>"
+            f"<div class='jpmap-summary' style='font-size:12px;line-height:1.35;max-width:700px'>"
             f"<b>{'Current' if current else 'Pinned'}:</b> {html.escape(outcome.summary())}<br>"
             f"<small>options: {html.escape(_options_text(outcome))}</small></div>"
         )
-        picture = w.Image(value=figure_png(render(outcome)), format="png", layout=w.Layout(max_width="840px"))
+        picture = w.Image(value=figure_png(render(outcome)), format="png", layout=w.Layout(max_width="720px"))
         picture.add_class("jpmap-picture")
         return [w.HTML(head), picture]
 
