@@ -815,6 +815,7 @@ class Explorer:
         self.extra_data = dict(datasets or {})
         self._priors: dict[str, Any] = {}
         self._upload_bytes: bytes | None = None
+        self._method_prior: Any = None  # the prior the method list was labelled for
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.outcome: Outcome | None = None
@@ -878,7 +879,6 @@ class Explorer:
         self._update_visibility()
         self.data.observe(self._on_data, names="value")
         self.upload.observe(self._on_upload, names="value")
-        self.invert.observe(self._on_upload, names="value")
         self.prior.observe(lambda _: self._fill_methods(self.method.value), names="value")
         self.degradation.observe(lambda _: self._update_visibility(), names="value")
         self.method.observe(lambda _: self._update_visibility(), names="value")
@@ -950,7 +950,7 @@ class Explorer:
     def _fill_methods(self, wanted: str) -> None:
         try:
             prior = self._prior_object()
-        except Exception as exc:  # shown when run; the method list stays usable
+        except Exception as exc:  # e.g. a missing weights file: said in the page; the method list stays usable
             self._show_error(_error_text(exc))
             prior = None
         names = methods()
@@ -987,7 +987,7 @@ class Explorer:
 
     def _blocked(self) -> str | None:
         """Why the chosen method cannot run on the chosen prior, or None."""
-        prior = getattr(self, "_method_prior", None)
+        prior = self._method_prior
         return prior_problem(self.method.value, prior) if prior is not None and self.method.value else None
 
     def _on_data(self, _: Any) -> None:
