@@ -109,7 +109,8 @@ def test_a_method_that_does_not_accept_the_prior_says_why_and_cannot_run(monkeyp
 def test_shipped_priors_are_filtered_by_the_image_shape():
     mnist = E.shipped_priors((1, 28, 28))
     assert "mnist_mlp_dvae15" in mnist and "celeba64_conv_dvae15" not in mnist
-    assert E.shipped_priors((3, 64, 64)) == ["celeba64_conv_dvae15"]
+    faces = E.shipped_priors((3, 64, 64))
+    assert "celeba64_conv_dvae15" in faces and not set(faces) & set(mnist)
     assert set(mnist) < set(E.shipped_priors())
 
 
