@@ -279,7 +279,7 @@ def prior_problem(method: str, prior: object) -> str | None:
     except TypeError:  # a Protocol that is not runtime-checkable: no test possible
         return None
     names = " or ".join(t.__name__ for t in wanted)
-    return f"{method} needs a {names} prior; {type(prior).__name__} is not one"
+    return f"{method} needs a prior of type {names}; {type(prior).__name__} is not one"
 
 
 # ---- degradations ------------------------------------------------------------------------------------------------

@@ -93,10 +93,10 @@ def test_a_solver_registered_later_appears_with_options_from_its_signature(monke
 def test_a_method_that_does_not_accept_the_prior_says_why_and_cannot_run(monkeypatch, prior, digits):
     monkeypatch.setitem(solvers.SOLVERS, "picky", picky_solver)
     why = E.prior_problem("picky", prior)
-    assert why == "picky needs a OtherPrior or OtherPriorView prior; MLPVAE is not one"
+    assert why == "picky needs a prior of type OtherPrior or OtherPriorView; MLPVAE is not one"
     assert E.prior_problem("picky", OtherPriorView()) is None
     assert all(E.prior_problem(m, prior) is None for m in ("csgm", "jpmap", "vble"))
-    with pytest.raises(TypeError, match="picky needs a OtherPrior or OtherPriorView prior"):
+    with pytest.raises(TypeError, match="picky needs a prior of type OtherPrior or OtherPriorView"):
         E.run(settings("picky"), prior=prior, image=digits[:1])
     ex = E.Explorer(E.Settings(method="picky"), background=False)
     label = dict((v, k) for k, v in ex.method.options)["picky"]
