@@ -6,8 +6,9 @@ PROFILE ?= default
 DEVICE  ?= cpu
 ONLY    ?=
 SET     ?=
+PORT    ?= 8866
 
-.PHONY: setup test lint bench clean-venv
+.PHONY: setup test lint bench explorer clean-venv
 
 # Idempotent: the venv is rebuilt only when pyproject.toml changes (stamp file).
 setup: $(VENV)/.installed
@@ -30,6 +31,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check jpmap_core tests benchmarks
 	$(VENV)/bin/ruff format --check jpmap_core tests benchmarks
+
+# The explorer (notebooks/explorer.ipynb) as a web page: Voila on 127.0.0.1:$(PORT), Ctrl-C stops it.
+explorer: setup
+	@echo "[explorer] open http://127.0.0.1:$(PORT)/ in a browser (Ctrl-C stops the server)"
+	JPMAP_DATA_DIR="$${JPMAP_DATA_DIR:-$(CURDIR)/data}" $(PY) -m voila notebooks/explorer.ipynb --no-browser \
+		--port=$(PORT) --Voila.ip=127.0.0.1
 
 bench: setup
 	$(PY) benchmarks/bench_solvers.py --n-images 100 --device $(DEVICE) --json benchmarks/results_$(DEVICE).json

@@ -301,8 +301,9 @@ _TITLES = {
 }
 
 
-def render(result: ExplorerResult):
-    """Figure of one explorer run: (a) the images with PSNR; (b) ``J1(x_n, z_n)`` along the iterations."""
+def render(result: ExplorerResult, *, summary: bool = True):
+    """Figure of one explorer run: (a) the images with PSNR; (b) ``J1(x_n, z_n)`` along the iterations; with
+    ``summary``, the summary line as its title (the widget prints it as text instead, so it is shown once)."""
     import matplotlib.pyplot as plt
 
     from .plotting import setup_style
@@ -353,7 +354,8 @@ def render(result: ExplorerResult):
             ax2.set_ylabel(r"$\beta$ (Alg. 2.4)", color="C1")
             ax2.grid(False)
         ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle(result.summary(), fontsize=9, y=1.1)
+    if summary:
+        fig.suptitle(result.summary(), fontsize=9, y=1.1)
     return fig
 
 
@@ -490,7 +492,7 @@ class ExplorerWidget:
             self.result, self.error = None, str(e)
             self.status.value = f"<b style='color:#b00'>Invalid setting:</b> {html.escape(str(e))}"
             return None
-        fig = render(result)
+        fig = render(result, summary=False)  # the summary is the status line
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
