@@ -1,20 +1,25 @@
-"""Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base and the MNIST (MLP) and CelebA (conv)
-architectures of JPMAP §3.1."""
+"""Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base, the MNIST (MLP) and CelebA (conv)
+architectures of JPMAP §3.1 and the normalizing flows of AIPO (:class:`RealNVP`, :class:`Glow`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from .conv import ConvVAE
+from .flow import Flow, Glow, RealNVP
 from .mlp import MLPVAE
 from .prior import Prior, check_prior, latent_numel
 from .vae import GaussianVAE
 
-ARCHITECTURES: dict[str, type[GaussianVAE]] = {"mlp": MLPVAE, "conv": ConvVAE}
+#: architecture name (``config()["arch"]``) -> prior module class
+ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE}
+ARCHITECTURES.update(realnvp=RealNVP, glow=Glow)
 
 
-def build_model(config: dict[str, Any]) -> GaussianVAE:
-    """Rebuild a model from its :meth:`GaussianVAE.config` dictionary."""
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a prior module (a :class:`GaussianVAE` or a :class:`Flow`) from its ``config()`` dictionary."""
     cfg = dict(config)
     arch = cfg.pop("arch", None)
     if arch not in ARCHITECTURES:
@@ -28,3 +33,4 @@ def build_model(config: dict[str, Any]) -> GaussianVAE:
 __all__ = [
     "ARCHITECTURES", "ConvVAE", "GaussianVAE", "MLPVAE", "Prior", "build_model", "check_prior", "latent_numel"
 ]  # fmt: skip
+__all__ += ["Flow", "Glow", "RealNVP"]
