@@ -1,7 +1,8 @@
 """The contract of :data:`jpmap_core.solvers.SOLVERS`, checked for every registered solver on a tiny prior.
 
 A solver added to the registry gets these tests for free; it only needs an entry in :data:`TINY` (options that
-keep it fast here), and the first test fails until it has one. The tiny prior and problems are in float64, so that
+keep it fast here), and the first test fails until it has one. Each solver is tested on the tiny prior it accepts
+(:data:`PRIOR_OF`: a flat MLP VAE unless listed). The tiny priors and problems are in float64, so that
 "batched equals alone" is tested to 1e-9: in float32 a batched matrix product may round differently from a single
 row's, and Adam's normalised steps carry such differences along a descent.
 """
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from jpmap_core.models import MLPVAE, Prior
+from jpmap_core.models import MLPVAE, Prior, RealNVP
 from jpmap_core.operators import make_problem
 from jpmap_core.solvers import SOLVERS, Restoration, solve
 
@@ -24,16 +25,38 @@ TINY = {
     "mapz_splitting": {"maxiter": 3, "adam_max_iters": 20},
     "vble": {"max_iters": 20, "n_posterior_samples": 8},
     "vble_xz": {"max_iters": 20, "n_posterior_samples": 8},
+    "aipo": {"K": 2, "n_mle": 3, "max_rounds": 3},
+    "aipo_baseline": {"budget": 8, "n_mle": 3},
 }
+#: solvers that need another prior than the flat MLP VAE
+PRIOR_OF = {"aipo": "flow", "aipo_baseline": "flow"}
 SHAPE = (1, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def prior():
+def tiny_priors():
+    """A flat MLP VAE (3-dim latent) and a RealNVP flow (image-shaped latent, weights perturbed off the identity),
+    float64."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = MLPVAE(image_shape=SHAPE, latent_dim=3, hidden=(16,), gamma_init=0.1)
-    return vae.double().eval().requires_grad_(False)
+        flow = RealNVP(SHAPE, levels=2, steps=1, width=4, blocks=0).double()
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return {"vae": vae.double().eval().requires_grad_(False), "flow": flow.eval().requires_grad_(False)}
+
+
+@pytest.fixture
+def name() -> str:
+    """The solver under test: the tests parametrized over ``name`` override it, and :func:`prior` follows."""
+    return "csgm"
+
+
+@pytest.fixture
+def prior(name, tiny_priors):
+    """The tiny prior solver ``name`` accepts (:data:`PRIOR_OF`)."""
+    return tiny_priors[PRIOR_OF.get(name, "vae")]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +74,10 @@ def test_every_registered_solver_has_tiny_options():
     assert set(TINY) == set(SOLVERS), f"add tiny options for {sorted(set(SOLVERS) - set(TINY))} to TINY"
 
 
-def test_the_prior_of_these_tests_offers_the_prior_interface(prior):
-    assert isinstance(prior, Prior) and prior.latent_shape == (3,)
+def test_the_priors_of_these_tests_offer_the_prior_interface(tiny_priors):
+    assert set(PRIOR_OF) <= set(SOLVERS) and set(PRIOR_OF.values()) <= set(tiny_priors)
+    assert all(isinstance(p, Prior) for p in tiny_priors.values())
+    assert tiny_priors["vae"].latent_shape == (3,) and tiny_priors["flow"].latent_shape == SHAPE
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
@@ -121,5 +146,5 @@ def test_solver_refuses_bad_input_with_a_clear_message(name, prior, problem):
 
 def test_solve_names_the_registered_methods_for_an_unknown_one(prior, problem):
     _, p = problem
-    with pytest.raises(ValueError, match="registered solvers: csgm, jpmap"):
+    with pytest.raises(ValueError, match="registered solvers: .*csgm, jpmap"):
         solve("pnp", p.y, p.op, prior, sigma=10)

@@ -25,6 +25,9 @@ Methods:
 * ``"mapz_splitting"`` -- :func:`mapz_splitting`, JPMAP Algorithm 1.1
 * ``"vble"``, ``"vble_xz"`` -- :func:`vble`, :func:`vble_xz`, variational posteriors (VBLE slides); more samples with
   :func:`posterior_samples`
+* ``"aipo"`` -- :func:`aipo`, AIPO Algorithm 2 (amortized continuation in lambda from the MLE start, flow priors);
+  ``"aipo_baseline"`` -- :func:`aipo_baseline`, its fixed-lambda baselines (MLE, random and zero starts, equal
+  budget)
 
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
@@ -40,6 +43,7 @@ from typing import Any
 from torch import Tensor
 
 from ._common import AdamPool, Restoration, adam_minimize
+from .aipo import aipo, aipo_baseline, mle_start
 from .csgm import csgm
 from .jpmap import jpmap
 from .splitting import mapz_splitting
@@ -50,6 +54,7 @@ Solver = Callable[..., Restoration]
 #: method name -> solver with the contract of the module docstring
 SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": mapz_splitting}
 SOLVERS.update(vble=vble, vble_xz=vble_xz)
+SOLVERS.update(aipo=aipo, aipo_baseline=aipo_baseline)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -61,3 +66,4 @@ def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options:
 
 __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
 __all__ += ["posterior_samples", "vble", "vble_xz"]
+__all__ += ["aipo", "aipo_baseline", "mle_start"]
