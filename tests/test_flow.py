@@ -75,7 +75,7 @@ def test_every_layer_log_det_matches_the_autograd_jacobian(name):
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
     y, logdet = layer(x)
     assert logdet.shape == (1,)
-    assert float(logdet[0]) == pytest.approx(_log_abs_det_jacobian(lambda v: layer(v)[0], x), abs=1e-8)
+    assert float(logdet.detach()[0]) == pytest.approx(_log_abs_det_jacobian(lambda v: layer(v)[0], x), abs=1e-8)
     torch.testing.assert_close(layer.inverse(y), x, rtol=0, atol=1e-10)
 
 
