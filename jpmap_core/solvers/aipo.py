@@ -346,6 +346,7 @@ def aipo(
     optimizer: str = "adam",
     clip: bool = True,
     max_rounds: int | None = None,
+    reset_moments: bool = False,
 ) -> Restoration:
     """AIPO, Algorithm 2 of the paper (module docstring), batched with a ``lambda`` schedule per image.
 
@@ -355,6 +356,8 @@ def aipo(
     ``r = 0.05``, ``delta_min0 = Lambda/20``, ``delta_min_bounds = (Lambda/80, min(Lambda/5, 1))`` (per image);
     step 12: ``k_growth = 1.1``, ``alpha_decay = 0.99``. ``n_mle``, ``mle_lr``: the MLE start (:func:`mle_start`,
     500 steps as §4.1). ``max_rounds`` caps the rounds (images stopped by it are not ``converged``).
+    ``reset_moments=True`` restarts Adam's moments at every round (the paper does not say; by default they carry
+    over, so the first steps of a round are not full-size sign steps).
 
     ``history`` (one row per round, ``(T, B)``): ``objective`` ``L_MAP(x_K; lambda)`` at the round's ``lambda``,
     ``lambda``, ``delta_min``, ``data_fit`` ``||y - f(x_K)||^2``, ``log_prior`` ``log p_G(x_K)``, ``grad_evals``
@@ -407,6 +410,8 @@ def aipo(
         k_round = max(1, round(k_float))
         n_steps = torch.zeros(B, dtype=torch.long, device=y.device)
         n_steps[idx] = k_round
+        if reset_moments:
+            opt = _Adam(x, optimizer)
         loss_start = _descend(x, terms, lam_now, n_steps, opt, a, clip)[idx]
         batched_evals += k_round
         steps[idx] += k_round
