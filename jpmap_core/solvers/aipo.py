@@ -350,8 +350,8 @@ def aipo(
 ) -> Restoration:
     """AIPO, Algorithm 2 of the paper (module docstring), batched with a ``lambda`` schedule per image.
 
-    ``lam``: the target ``Lambda`` > 0, a number or one per image (default 0.5, the ``lambda`` of Figs. 1, 2 and 5,
-    where every method of Tables 5-6 peaks on denoising). ``sigma`` (0-255 scale) is checked and recorded but does
+    ``lam``: the target ``Lambda`` > 0, a number or one per image (default 0.5, the ``lambda`` of Figs. 1, 2, 5, 7
+    and 8; the paper sweeps 0.3, 0.5, 1.0, 1.5, 2.0). ``sigma`` (0-255 scale) is checked and recorded but does
     not enter ``L_MAP`` (the paper's loss has no ``1/(2 sigma^2)``). Table 4's values: ``K = 40``, ``alpha = 0.05``,
     ``r = 0.05``, ``delta_min0 = Lambda/20``, ``delta_min_bounds = (Lambda/80, min(Lambda/5, 1))`` (per image);
     step 12: ``k_growth = 1.1``, ``alpha_decay = 0.99``. ``n_mle``, ``mle_lr``: the MLE start (:func:`mle_start`,
