@@ -84,7 +84,7 @@ def test_whole_flow_log_det_with_preprocessing_matches_the_autograd_jacobian(arc
     flow = tiny_flow(arch)
     x = images(1, flow.image_shape, seed=4)
     _, logdet = flow.forward_and_log_det(x)
-    assert float(logdet[0]) == pytest.approx(
+    assert float(logdet.detach()[0]) == pytest.approx(
         _log_abs_det_jacobian(lambda v: flow.forward_and_log_det(v)[0], x), abs=1e-7
     )
 
