@@ -24,7 +24,7 @@ def _tiny() -> HVAE:
     latent projections, residual branches and output layer are scaled up."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        m = HVAE(image_shape=SHAPE, widths=(4, 6), groups=(1, 2), latent_channels=(2, 3), gamma_init=0.1)
+        m = HVAE(image_shape=SHAPE, widths=(4, 6), groups=(1, 2), latent_channels=(2, 3), enc_blocks=1, gamma_init=0.1)
         m = m.double().eval()
         with torch.no_grad():
             for g in m.decoder:

@@ -2,7 +2,7 @@
 
 A solver added to the registry gets these tests for free; it only needs an entry in :data:`TINY` (options that
 keep it fast here), and the first test fails until it has one. Each solver is tested on the tiny prior it accepts
-(:data:`PRIOR_OF`: a flat MLP VAE unless listed). The tiny prior and problems are in float64, so that
+(:data:`PRIOR_OF`: a flat MLP VAE unless listed). The tiny priors and problems are in float64, so that
 "batched equals alone" is tested to 1e-9: in float32 a batched matrix product may round differently from a single
 row's, and Adam's normalised steps carry such differences along a descent.
 """
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from jpmap_core.models import HVAE, MLPVAE, Prior
+from jpmap_core.models import HVAE, MLPVAE, Prior, RealNVP
 from jpmap_core.operators import make_problem
 from jpmap_core.solvers import SOLVERS, Restoration, solve
 
@@ -27,20 +27,33 @@ TINY = {
     "vble_xz": {"max_iters": 20, "n_posterior_samples": 8},
     "pnp_hvae": {"max_iters": 5, "patience": 1},
     "adam_j1": {"max_iters": 10, "patience": 1},
+    "aipo": {"K": 2, "n_mle": 3, "max_rounds": 3},
+    "aipo_baseline": {"budget": 8, "n_mle": 3},
 }
-#: solvers that need a hierarchical VAE (every other one is tested on the flat MLP VAE)
-PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae"}
+#: solvers that need another prior than the flat MLP VAE
+PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae", "aipo": "flow", "aipo_baseline": "flow"}
 SHAPE = (1, 8, 8)
 
 
 @pytest.fixture(scope="module")
 def tiny_priors():
-    """A flat MLP VAE (3-dim latent) and a hierarchical VAE (3 packed latent groups), float64."""
+    """A flat MLP VAE (3-dim latent), a hierarchical VAE (3 packed latent groups) and a RealNVP flow (image-shaped
+    latent, weights perturbed off the identity), float64."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = MLPVAE(image_shape=SHAPE, latent_dim=3, hidden=(16,), gamma_init=0.1)
-        hvae = HVAE(image_shape=SHAPE, widths=(4, 6), groups=(1, 2), latent_channels=(2, 3), gamma_init=0.1)
-    return {"vae": vae.double().eval().requires_grad_(False), "hvae": hvae.double().eval().requires_grad_(False)}
+        hvae = HVAE(
+            image_shape=SHAPE, widths=(4, 6), groups=(1, 2), latent_channels=(2, 3), enc_blocks=1, gamma_init=0.1
+        )
+        flow = RealNVP(SHAPE, levels=2, steps=1, width=4, blocks=0).double()
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return {
+        "vae": vae.double().eval().requires_grad_(False),
+        "hvae": hvae.double().eval().requires_grad_(False),
+        "flow": flow.eval().requires_grad_(False),
+    }
 
 
 @pytest.fixture
@@ -74,6 +87,7 @@ def test_the_priors_of_these_tests_offer_the_prior_interface(tiny_priors):
     assert set(PRIOR_OF) <= set(SOLVERS) and set(PRIOR_OF.values()) <= set(tiny_priors)
     assert all(isinstance(p, Prior) for p in tiny_priors.values())
     assert tiny_priors["vae"].latent_shape == (3,) and tiny_priors["hvae"].latent_shape == (2 * 64 + 2 * 3 * 16,)
+    assert tiny_priors["flow"].latent_shape == SHAPE
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))

@@ -31,6 +31,10 @@ Methods:
 The JPMAP-family solvers (``csgm``, ``jpmap``, ``mapz_splitting``) also accept a hierarchical VAE at the images' size
 (``hvae.at_size(H, W)``): they use its untempered ``-log p(z)`` (``tau = 1``) where a Gaussian VAE has ``1/2 ||z||^2``.
 
+* ``"aipo"`` -- :func:`aipo`, AIPO Algorithm 2 (amortized continuation in lambda from the MLE start, flow priors);
+  ``"aipo_baseline"`` -- :func:`aipo_baseline`, its fixed-lambda baselines (MLE, random and zero starts, equal
+  budget)
+
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
 
@@ -45,6 +49,7 @@ from typing import Any
 from torch import Tensor
 
 from ._common import AdamPool, Restoration, adam_minimize
+from .aipo import aipo, aipo_baseline, mle_start
 from .csgm import csgm
 from .jpmap import jpmap
 from .pnp_hvae import adam_j1, pnp_hvae
@@ -57,6 +62,7 @@ Solver = Callable[..., Restoration]
 SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": mapz_splitting}
 SOLVERS.update(vble=vble, vble_xz=vble_xz)
 SOLVERS.update(pnp_hvae=pnp_hvae, adam_j1=adam_j1)
+SOLVERS.update(aipo=aipo, aipo_baseline=aipo_baseline)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -69,3 +75,4 @@ def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options:
 __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
 __all__ += ["posterior_samples", "vble", "vble_xz"]
 __all__ += ["adam_j1", "pnp_hvae"]
+__all__ += ["aipo", "aipo_baseline", "mle_start"]
