@@ -189,6 +189,10 @@ def test_reliability_rows_timing_and_verdict(runs):
     assert t["xz_better_calibrated"] == (err["vble_xz"] < err["vble"])
     assert v["datasets"]["toy"]["n_tasks"] == 2
     assert 0 <= v["datasets"]["toy"]["xz_better_on"] <= 2
+    assert v["coverage_monotone"] is True
+    gap = post.psnr_gap(runs)["toy"]["inpainting"]
+    res = runs[0].results
+    assert gap["vble"] == pytest.approx(float((res["vble"].psnr - res["map"].psnr).mean()), abs=1e-6)
 
 
 def test_figures_draw(runs):
@@ -209,3 +213,23 @@ def test_run_task_rejects_bad_input(prior, x):
         post.run_task(task, x, prior, n_samples=1)
     with pytest.raises(ValueError, match="x_true must be"):
         post.run_task(task, x[:, :, :4], prior)
+
+
+def test_markdown_table_and_the_reading_follow_the_numbers(runs):
+    table = post.markdown_table(post.table_rows(runs))
+    lines = table.splitlines()
+    assert lines[0] == "| " + " | ".join(post.TABLE_KEYS) + " |" and len(lines) == 2 + 2 * len(post.METHODS)
+    assert "| toy | inpainting | map | 3 | - |" in table  # no MMSE for the MAP
+    v = post.calibration_verdict(runs)
+    text = post.calibration_reading(v)
+    n = v["datasets"]["toy"]["xz_better_on"]
+    assert f"VBLE-xz is the better calibrated on {n} of 2 problems" in text
+    flipped = {"tasks": {"toy": {"blur": {**v["tasks"]["toy"]["inpainting"], "xz_better_calibrated": False}}},
+               "datasets": {"toy": {"n_tasks": 1, "xz_better_on": 0}}}  # fmt: skip
+    assert "blur: VBLE is the better calibrated" in post.calibration_reading(flipped, claim_dataset="toy")
+    assert "does not hold on every problem of this run (on 0 of 1)" in post.calibration_reading(
+        flipped, claim_dataset="toy"
+    )
+    holds = "holds on every problem" in post.calibration_reading(v, claim_dataset="toy")
+    assert holds == v["datasets"]["toy"]["xz_better_on_all"]
+    assert "(autoencoder reconstruction 12.3 dB)" in post.calibration_reading(v, {"toy": 12.34})
