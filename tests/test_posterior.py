@@ -183,6 +183,7 @@ def test_reliability_rows_timing_and_verdict(runs):
     assert all(tuple(r) == post.RELIABILITY_KEYS for r in rel)
     timing = post.timing_rows(runs)
     assert {r["method"] for r in timing} == set(post.METHODS)
+    assert all(r["cpu_seconds_per_image"] > 0 for r in timing)
     v = post.calibration_verdict(runs)
     t = v["tasks"]["toy"]["inpainting"]
     err = t["calibration_error"]

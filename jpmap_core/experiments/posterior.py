@@ -22,8 +22,9 @@ scores them:
 * **std-error correlation**: the Pearson correlation between the posterior std and the true error ``|x_MMSE - x*|``
   over the pixels (and channels) of one image, then **averaged over the images** (an image whose std is constant
   has no correlation and is left out of the mean);
-* **time**: seconds per image of each solver call (one batched call per method and problem); for VBLE the call
-  fits the posterior and draws the ``S`` samples, split into the two by the fit's own clock.
+* **time**: seconds per image of each solver call (one batched call per method and problem), wall clock and CPU time
+  of the process; for VBLE the call fits the posterior and draws the ``S`` samples, split into the two by the fit's
+  own clock.
 
 :func:`table_rows` and :func:`reliability_rows` give the rows ``metrics.json`` records; :func:`calibration_verdict`
 compares the two posteriors problem by problem; :func:`posterior_figure` and :func:`reliability_figure` draw them.
@@ -236,7 +237,7 @@ class MethodResult:
     psnr: Tensor
     ssim: Tensor
     psnr_decoded: Tensor
-    seconds: float  # the whole (batched) solver call
+    seconds: float  # the whole (batched) solver call, wall clock
     iterations: Tensor
     converged: Tensor
     seconds_fit: float | None = None  # VBLE: the Adam fit, from its clock
@@ -250,6 +251,7 @@ class MethodResult:
     b_mean: float | None = None  # VBLE-xz: the mean of its x-noise factor b
     z_scale_mean: float | None = None  # mean of the latent posterior std a
     restoration: Restoration | None = field(default=None, repr=False)  # kept for the explorer (samples dropped)
+    cpu_seconds: float | None = None  # CPU time of the process during the call (time.process_time)
 
     @property
     def seconds_sampling(self) -> float | None:
@@ -323,7 +325,7 @@ def run_task(
     y = problem.y.to(device)
     for m in methods:
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if m == "map":
             r = solve("jpmap", y, problem.op, prior, sigma=problem.sigma, **dict(jpmap_options or {}))
         else:
@@ -331,12 +333,12 @@ def run_task(
             r = solve(m, y, problem.op, prior, sigma=problem.sigma, n_posterior_samples=n_samples,
                       n_keep_samples=n_samples, generator=g, **dict(vble_options or {}))  # fmt: skip
         _sync(device)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         x = r.x.detach().clamp(0, 1).cpu()
         xd = r.x_decoded.detach().clamp(0, 1).cpu()
         res = MethodResult(
             method=m, x=x, x_decoded=xd, psnr=psnr(x, x_true), ssim=ssim(x, x_true), psnr_decoded=psnr(xd, x_true),
-            seconds=seconds, iterations=r.iterations.cpu(), converged=r.converged.cpu(),
+            seconds=seconds, iterations=r.iterations.cpu(), converged=r.converged.cpu(), cpu_seconds=cpu_seconds,
         )  # fmt: skip
         if m != "map":
             samples = r.per_image["samples"].detach().cpu()
@@ -422,7 +424,9 @@ def reliability_rows(runs: Sequence[TaskRun]) -> list[dict[str, Any]]:
 
 
 def timing_rows(runs: Sequence[TaskRun]) -> list[dict[str, Any]]:
-    """Seconds per image of each call; for the posteriors split into the fit and the ``n_samples`` draws."""
+    """Seconds per image of each call (wall clock, and the CPU time of the process: on a CPU run with one thread
+    the compute time whatever else the machine runs); for the posteriors the wall time split into the fit and the
+    ``n_samples`` draws by the fit's own clock."""
     rows = []
     for run in runs:
         for m, res in run.results.items():
@@ -433,6 +437,7 @@ def timing_rows(runs: Sequence[TaskRun]) -> list[dict[str, Any]]:
                     "task": run.task.problem,
                     "method": m,
                     "seconds_per_image": res.seconds / n,
+                    "cpu_seconds_per_image": None if res.cpu_seconds is None else res.cpu_seconds / n,
                     "fit_seconds_per_image": None if res.seconds_fit is None else res.seconds_fit / n,
                     "sampling_seconds_per_image": None if res.seconds_sampling is None else res.seconds_sampling / n,
                     "n_samples": run.n_samples if m != "map" else None,
