@@ -11,6 +11,13 @@
 
 Everything random (mask, noise, compressed-sensing matrix) is drawn from a ``torch.Generator`` seeded with
 ``seed``: the same settings give the same picture.
+
+The posterior explorer of ``notebooks/12_vble_posterior.ipynb``:
+
+* :func:`posterior_explorer_frame` -- new samples of one image's VBLE / VBLE-xz posterior (drawn on demand with
+  :func:`jpmap_core.solvers.posterior_samples`, seeded with ``seed``), their mean and std, beside the fitted MMSE
+  estimate and std map; plain arrays.
+* :func:`render_posterior_frame` -- one matplotlib figure of a frame.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .metrics import psnr
 from .models import GaussianVAE
 from .operators import make_problem
-from .solvers import Restoration, solve
+from .solvers import Restoration, posterior_samples, solve
 
 __all__ = [
     "ALGORITHMS",
@@ -37,7 +45,9 @@ __all__ = [
     "ExplorerWidget",
     "build_explorer",
     "explore",
+    "posterior_explorer_frame",
     "render",
+    "render_posterior_frame",
     "solver_call",
 ]
 
@@ -522,3 +532,82 @@ def build_explorer(
     if run:
         ex.refresh()
     return ex.widget
+
+
+# ---- the posterior explorer (notebook 12) ------------------------------------------------------------------------
+def _hwc(t: Tensor) -> np.ndarray:
+    """``(C, H, W)`` -> ``(H, W)`` (one channel) or ``(H, W, C)`` float32 array."""
+    t = t.detach().cpu().float()
+    return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
+
+
+def posterior_explorer_frame(
+    prior: Any, restoration: Restoration, index: int, n: int = 4, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """``n`` new posterior samples of image ``index`` of a :func:`~jpmap_core.solvers.vble` or
+    :func:`~jpmap_core.solvers.vble_xz` restoration, the explorer's callback (the "draw" button).
+
+    The samples come from :func:`~jpmap_core.solvers.posterior_samples` on that image alone, with a generator
+    seeded with ``seed`` (the same ``seed`` gives the same samples; the image's draws do not depend on the rest of
+    the batch). Returns float32 arrays, images as ``(H, W)`` (grey) or ``(H, W, 3)``, maps as ``(H, W)`` (channel
+    means): ``"samples"`` ``(n, *image)``, ``"sample_mean"`` and ``"sample_std"`` (pixelwise, over the ``n`` new
+    samples, unbiased), ``"mmse"`` (the restoration's MMSE estimate ``x``), ``"fitted_std"`` (its
+    ``per_image["std"]``, over the samples of the fit) and ``"index"``, ``"n"``, ``"seed"`` as 0-d arrays.
+    """
+    if not isinstance(restoration, Restoration) or restoration.info.get("method") not in ("vble", "vble_xz"):
+        got = restoration.info.get("method") if isinstance(restoration, Restoration) else type(restoration).__name__
+        raise ValueError(f"the posterior explorer needs a vble or vble_xz Restoration, got {got!r}")
+    B = len(restoration)
+    index = _int(index, "index", 0, B - 1, f" ({B} images in the restoration)")
+    n = _int(n, "n (samples to draw)", 2, None, " (a std needs 2)")
+    seed = _int(seed, "seed", 0)
+    rows = slice(index, index + 1)
+    keep = ("z_scale", "b", "std")
+    one = Restoration(
+        x=restoration.x[rows], z=restoration.z[rows], x_decoded=restoration.x_decoded[rows],
+        converged=restoration.converged[rows], iterations=restoration.iterations[rows], info=dict(restoration.info),
+        per_image={k: v[rows] for k, v in restoration.per_image.items() if k in keep},
+    )  # fmt: skip
+    g = torch.Generator(device=one.z.device).manual_seed(seed)
+    s = posterior_samples(prior, one, n, generator=g)[0]  # (n, C, H, W)
+    return {
+        "samples": np.stack([_hwc(v) for v in s]),
+        "sample_mean": _hwc(s.mean(0)),
+        "sample_std": s.std(0, unbiased=True).mean(0).cpu().float().numpy(),
+        "mmse": _hwc(one.x[0]),
+        "fitted_std": one.per_image["std"][0].mean(0).detach().cpu().float().numpy(),
+        "index": np.array(index),
+        "n": np.array(n),
+        "seed": np.array(seed),
+    }
+
+
+def render_posterior_frame(frame: dict[str, np.ndarray], *, title: str = "", max_samples: int = 6):
+    """A frame of :func:`posterior_explorer_frame` as one figure: the MMSE estimate, up to ``max_samples`` of the new
+    samples, the std of the new samples and the fitted std (one colour scale for both std maps)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import setup_style
+
+    setup_style()
+    samples = frame["samples"][:max_samples]
+    panels = [("MMSE (fit)", frame["mmse"], None)] + [(f"sample {k + 1}", v, None) for k, v in enumerate(samples)]
+    vmax = float(max(np.percentile(frame["sample_std"], 99), np.percentile(frame["fitted_std"], 99), 1e-6))
+    panels += [(f"std of the {int(frame['n'])} samples", frame["sample_std"], vmax),
+               ("std (fit)", frame["fitted_std"], vmax)]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2.0), squeeze=False)
+    for ax, (label, img, vm) in zip(axes[0], panels, strict=True):
+        if vm is not None:
+            ax.imshow(img, cmap="magma", vmin=0, vmax=vm)
+        elif img.ndim == 2:
+            ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(np.clip(img, 0, 1))
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,14 +1,17 @@
-"""The explorer of notebooks/00_overview.ipynb: its callbacks run headless, render, and reject bad settings clearly."""
+"""The explorers of notebooks 00 and 12: their callbacks run headless, render, and reject bad settings clearly."""
 
 from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
 from jpmap_core.pretrained import load_pretrained
-from jpmap_core.widgets import build_explorer, explore, render
+from jpmap_core.solvers import solve
+from jpmap_core.widgets import build_explorer, explore, posterior_explorer_frame, render, render_posterior_frame
 
 TINY = {"adam_max_iters": 60, "k_max": 3}  # small budgets: the properties below hold for any budget
 
@@ -131,3 +134,47 @@ def test_build_explorer_shows_a_picture_and_turns_errors_into_text(vae, images):
 def test_build_explorer_rejects_unknown_defaults(vae, images):
     with pytest.raises(ValueError, match="unknown explorer defaults"):
         build_explorer(vae, images, defaults={"iterations": 5}, run=False)
+
+
+# ---- the posterior explorer of notebook 12 -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def posterior(vae):
+    """A VBLE-xz fit of 3 digits the prior generated (no data set needed), on an inpainting problem."""
+    from jpmap_core.operators import make_problem
+
+    with torch.no_grad():
+        x = vae.decode(torch.randn(3, vae.latent_dim, generator=torch.Generator().manual_seed(0)))
+    p = make_problem("inpainting", x, sigma=10, level=0.8, seed=0)
+    return solve("vble_xz", p.y, p.op, vae, sigma=10, max_iters=20, n_posterior_samples=10)
+
+
+def test_posterior_explorer_frame_draws_new_samples_of_one_image(vae, posterior):
+    f = posterior_explorer_frame(vae, posterior, 1, n=6, seed=3)
+    assert f["samples"].shape == (6, 28, 28) and f["mmse"].shape == f["sample_std"].shape == (28, 28)
+    np.testing.assert_allclose(f["mmse"], posterior.x[1, 0].numpy())
+    np.testing.assert_allclose(f["fitted_std"], posterior.per_image["std"][1, 0].numpy())
+    np.testing.assert_allclose(f["sample_mean"], f["samples"].mean(0), atol=1e-6)
+    np.testing.assert_allclose(f["sample_std"], f["samples"].std(0, ddof=1), atol=1e-6)
+    assert int(f["index"]) == 1 and int(f["n"]) == 6 and int(f["seed"]) == 3
+    # the new samples spread like the fitted posterior: their mean std is that of the fit's samples (within noise)
+    assert 0.5 < float(f["sample_std"].mean() / f["fitted_std"].mean()) < 1.5
+    same = posterior_explorer_frame(vae, posterior, 1, n=6, seed=3)
+    np.testing.assert_array_equal(same["samples"], f["samples"])  # same seed, same draws
+    other = posterior_explorer_frame(vae, posterior, 1, n=6, seed=4)
+    assert not np.array_equal(other["samples"], f["samples"])  # the button's next seed: new draws
+    fig = render_posterior_frame(f, title="image 1")
+    assert len(fig.axes) == 1 + 6 + 2
+    plt.close(fig)
+
+
+def test_posterior_explorer_frame_rejects_bad_input(vae, posterior):
+    with pytest.raises(ValueError, match=r"index must be an integer in \[0, 2\]"):
+        posterior_explorer_frame(vae, posterior, 3)
+    with pytest.raises(ValueError, match="a std needs 2"):
+        posterior_explorer_frame(vae, posterior, 0, n=1)
+    from jpmap_core.operators import Denoising
+
+    y = torch.full((1, 1, 28, 28), 0.5)
+    jp = solve("jpmap", y, Denoising((1, 28, 28)), vae, sigma=10, n1=1, n2=1, n_max=1, adam_max_iters=5)
+    with pytest.raises(ValueError, match="needs a vble or vble_xz Restoration"):
+        posterior_explorer_frame(vae, jp, 0)
