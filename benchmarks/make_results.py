@@ -2,7 +2,9 @@
 ``RESULTS.md`` shows).
 
 python benchmarks/make_results.py benchmarks/results_cpu.json
+python benchmarks/make_results.py benchmarks/results_lm_cpu.json
 python benchmarks/make_results.py benchmarks/results_faces_cpu.json
+python benchmarks/make_results.py benchmarks/results_faces_lm_cpu.json
 python benchmarks/make_results.py benchmarks/results_merge_cpu.json
 """
 
@@ -14,6 +16,8 @@ import sys
 
 def table(path: str) -> str:
     d = json.load(open(path))
+    if "z_optimizers" in d:
+        return optimizer_table(d)
     m = d["machine"]
     lines = [
         f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
@@ -41,6 +45,38 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def optimizer_table(d: dict) -> str:
+    """The table of ``bench_solvers.py --z-optimizer adam,lm``: one row per (problem, method, z-optimiser)."""
+    m = d["machine"]
+    steps = "; ".join(
+        f"{o}: {c['1']:.2f} ms on 1 image, {c[str(d['rows'][0]['n_images'])]:.2f} ms on {d['rows'][0]['n_images']}"
+        for o, c in d["step_ms_by_z_optimizer"].items()
+    )
+    load = ", ".join(f"{v:.1f}" for v in d["load_average"])
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), Python {m['python']}; load average at the end {load}. Prior `{d['prior']}` "
+        f"(sha256 `{d['weights_sha256'][:12]}...`), data: {d['data_source']}. Alg. 2.4 k_max = {d['alg24_k_max']}. "
+        f"{d['loop_note']}. One step of the z-optimiser: {steps}.",
+        "",
+        "| problem | method | z-optimizer | batched s (median) | repeats | speed-up vs adam "
+        "| decoder evals/image mean (max) | batched steps | loop s (scaled) | speed-up vs loop | model ceiling "
+        "| PSNR dB | PSNR - adam | converged | max abs diff vs loop |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        vs_adam = f"{r['speedup_vs_adam']:.1f}x" if "speedup_vs_adam" in r else "-"
+        dpsnr = f"{r['psnr_diff_vs_adam']:+.2f}" if "psnr_diff_vs_adam" in r else "-"
+        ceil = f"{r['model_ceiling']:.1f}x" if "model_ceiling" in r else "-"
+        lines.append(
+            f"| {r['problem']} | {r['method']} | {r['z_optimizer']} | {r['seconds']:.1f} | {r['repeats']} | {vs_adam} "
+            f"| {r['decoder_evals_per_image']:.0f} ({r['decoder_evals_max']:.0f}) | {r['batched_steps']} "
+            f"| {r['loop_seconds_scaled']:.0f} | {r['speedup_vs_loop']:.1f}x | {ceil} | {r['psnr_mean']:.2f} | {dpsnr} "
+            f"| {r['converged_fraction']:.2f} | {r['max_abs_diff_vs_loop']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def faces_table(path: str) -> str:
     d = json.load(open(path))
     m, b = d["machine"], d["budget"]
@@ -55,11 +91,27 @@ def faces_table(path: str) -> str:
         "| iterations (mean) | converged | max abs diff vs loop |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    by_optimizer = any("z_optimizer" in r for r in d["rows"])
+    if by_optimizer:  # bench_faces.py --z-optimizer: which optimiser, its decoder evaluations, its gain over Adam
+        load = ", ".join(f"{v:.1f}" for v in d.get("load_average", []))
+        lines[0] += f" Load average at the end: {load}."
+        lines[2] = lines[2].replace("| method |", "| method | z-optimizer |")
+        lines[2] = lines[2].replace(
+            "| s per face |", "| s per face | speed-up vs adam | decoder evals/face mean (max) |"
+        )
+        lines[3] = "| --- | --- |" + lines[3][len("| --- |") :] + " ---: | ---: |"
     for r in d["rows"]:
         it = "-" if r.get("iterations_mean") is None else f"{r['iterations_mean']:.1f}"
+        head = f"| {r['method']} | {r['n_images']} | {r['seconds']:.0f} | {r['seconds_per_image']:.2f} "
+        if by_optimizer:
+            vs = f"{r['speedup_vs_adam']:.1f}x" if "speedup_vs_adam" in r else "-"
+            head = (
+                f"| {r['method']} | {r['z_optimizer']} | {r['n_images']} | {r['seconds']:.0f} "
+                f"| {r['seconds_per_image']:.2f} | {vs} | {r['decoder_evals_per_image']:.0f} "
+                f"({r['decoder_evals_max']:.0f}) "
+            )
         lines.append(
-            f"| {r['method']} | {r['n_images']} | {r['seconds']:.0f} | {r['seconds_per_image']:.2f} "
-            f"| {r['loop_seconds_scaled']:.0f} (on {r['loop_images']}) | {r['speedup_vs_loop']:.1f}x "
+            head + f"| {r['loop_seconds_scaled']:.0f} (on {r['loop_images']}) | {r['speedup_vs_loop']:.1f}x "
             f"| {r['peak_mem_mb']:.0f} | {r['psnr_mean']:.2f} | {it} | {r['converged_fraction']:.2f} "
             f"| {r['max_abs_diff_vs_loop']:.1e} |"
         )
