@@ -1,6 +1,7 @@
 """One JPMAP z-step, Adam against Levenberg-Marquardt, and why some images are slow (benchmarks/RESULTS.md).
 
     python benchmarks/lm_slow_images.py --n-images 100 --threads 1 --json benchmarks/results_lm_zstep_cpu.json
+    python benchmarks/make_results.py benchmarks/results_lm_zstep_cpu.json
 
 The z-step ``argmin_z J1(x, z) / beta = 1/2 ||x - mu_theta(z)||^2 + 1/(2 beta) ||z||^2`` (eq. 2.5 in z) for the
 first N MNIST test digits with Gaussian noise (``--sigma``, 0-255), from the encoder's code ``mu_phi(x)``, stopping at
@@ -72,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out, results = {}, {}
     for name, run in runs.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = run()
-        sec = time.perf_counter() - t0
+        sec, cpu = time.perf_counter() - t0, time.process_time() - c0
         results[name] = r
         with torch.no_grad():
             E = loss(r.z, torch.arange(len(x)))
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = r.evals.double()
         out[name] = {
             "seconds": sec,
+            "cpu_seconds": cpu,
             "evals_median": float(ev.median()),
             "evals_max": float(ev.max()),
             "evals_mean": float(ev.mean()),
@@ -94,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 energy_vs_adam_min=float(rel.min()),
                 images_above_adam_1e3=int((rel > 1e-3).sum()),
             )
-        print(f"{name:<16} {sec:6.2f} s, decoder evals per image median {ev.median():.0f} max {ev.max():.0f}, "
-              f"batched steps {r.batched_steps}" + ("" if rel is None else f", energy vs adam max {rel.max():+.1e} "
-              f"min {rel.min():+.1e}"), flush=True)  # fmt: skip
+        vs = "" if rel is None else f", energy vs adam max {rel.max():+.1e} min {rel.min():+.1e}"
+        print(
+            f"{name:<16} {sec:6.2f} s ({cpu:6.2f} CPU s), decoder evals per image median {ev.median():.0f} "
+            f"max {ev.max():.0f}, batched steps {r.batched_steps}{vs}",
+            flush=True,
+        )
     out["slow_images"] = diagnose(vae, x, z0, results, a.slowest)
     for d in out["slow_images"]:
         print(
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(
             Path(a.json),
             {
+                "benchmark": "lm_zstep",
                 "machine": machine_info(torch.device("cpu")),
                 "load_average": list(os.getloadavg()),
                 "n_images": len(x),
