@@ -16,7 +16,17 @@ import bench_solvers  # noqa: E402
 import make_results  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["results_cpu.json", "results_faces_cpu.json", "results_merge_cpu.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "results_cpu.json",
+        "results_lm_cpu.json",
+        "results_lm_zstep_cpu.json",
+        "results_faces_cpu.json",
+        "results_faces_lm_cpu.json",
+        "results_merge_cpu.json",
+    ],
+)
 def test_results_md_shows_what_the_json_says(name):
     """Every number in RESULTS.md's tables comes from a committed results file (make_results.py), none by hand."""
     table = make_results.render(str(BENCH / name)).strip()
@@ -30,6 +40,8 @@ def test_results_md_shows_what_the_json_says(name):
         (bench_solvers.main, ["--problems", "deblurring"]),
         (bench_solvers.main, ["--methods", "vble"]),
         (bench_solvers.main, ["--n-images", "0"]),
+        (bench_solvers.main, ["--z-optimizer", "adam,newton"]),
+        (bench_faces.main, ["--z-optimizer", "sgd"]),
         (bench_merge.main, ["--modes", "problems"]),
         (bench_merge.main, ["--k-max", "-1"]),
         (bench_faces.main, ["--methods", "nope"]),

@@ -32,6 +32,12 @@ TINY = {
 }
 #: solvers that need another prior than the flat MLP VAE
 PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae", "aipo": "flow", "aipo_baseline": "flow"}
+#: variants of a registered solver run through the same contract: name -> (registered name, options)
+VARIANTS = {
+    "csgm[z_optimizer=lm]": ("csgm", dict(TINY["csgm"], z_optimizer="lm")),
+    "jpmap[z_optimizer=lm]": ("jpmap", dict(TINY["jpmap"], z_optimizer="lm")),
+}
+CASES = sorted(SOLVERS) + sorted(VARIANTS)
 SHAPE = (1, 8, 8)
 
 
@@ -76,7 +82,8 @@ def problem():
 
 
 def _solve(name, prior, y, op, sigma):
-    return solve(name, y, op, prior, sigma=sigma, **TINY[name])
+    method, options = VARIANTS.get(name, (name, TINY.get(name)))
+    return solve(method, y, op, prior, sigma=sigma, **options)
 
 
 def test_every_registered_solver_has_tiny_options():
@@ -90,7 +97,7 @@ def test_the_priors_of_these_tests_offer_the_prior_interface(tiny_priors):
     assert tiny_priors["flow"].latent_shape == SHAPE
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", CASES)
 def test_solver_returns_a_wellformed_restoration(name, prior, problem):
     x_true, p = problem
     r = _solve(name, prior, p.y, p.op, p.sigma)
@@ -108,10 +115,10 @@ def test_solver_returns_a_wellformed_restoration(name, prior, problem):
     assert bool(torch.isfinite(last).all())
     for key, v in r.per_image.items():
         assert isinstance(v, torch.Tensor) and v.shape[0] == B, f"per_image[{key!r}] is batch-first"
-    assert r.info["method"] == name and r.info["seconds"] >= 0
+    assert r.info["method"] == VARIANTS.get(name, (name,))[0] and r.info["seconds"] >= 0
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", CASES)
 def test_solver_batched_equals_alone(name, prior, problem):
     _, p = problem
     both = _solve(name, prior, p.y, p.op, p.sigma)
@@ -123,7 +130,7 @@ def test_solver_batched_equals_alone(name, prior, problem):
         assert bool(both.converged[b] == one.converged[0]) and int(both.iterations[b]) == int(one.iterations[0])
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", CASES)
 def test_solver_per_image_sigma_equals_each_sigma_alone(name, prior):
     g = torch.Generator().manual_seed(2)
     x = torch.rand(2, *SHAPE, generator=g, dtype=torch.float64)
@@ -136,7 +143,7 @@ def test_solver_per_image_sigma_equals_each_sigma_alone(name, prior):
         torch.testing.assert_close(mixed.x[i : i + 1], alone.x, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", CASES)
 def test_solver_refuses_bad_input_with_a_clear_message(name, prior, problem):
     _, p = problem
     y_nan = p.y.clone()
@@ -151,7 +158,7 @@ def test_solver_refuses_bad_input_with_a_clear_message(name, prior, problem):
     with pytest.raises(ValueError, match="shape"):
         _solve(name, prior, p.y[:, :, :4], p.op, p.sigma)
     with pytest.raises(TypeError, match="not a prior"):
-        solve(name, p.y, p.op, object(), sigma=p.sigma)
+        solve(VARIANTS.get(name, (name,))[0], p.y, p.op, object(), sigma=p.sigma)
 
 
 def test_solve_names_the_registered_methods_for_an_unknown_one(prior, problem):

@@ -240,7 +240,8 @@ class Budget:
 
     Paper / official code: ``n1 = 25, n2 = 150`` (§3.4), ``n_max = 300``, every JPMAP z-step at most 3000 Adam steps,
     CSGM's descent at most 5000, Alg. 2.4 at most ``k_max = 350`` outer iterations with ``rho = 100/d`` and
-    ``beta0 = 0.1/gamma^2``.
+    ``beta0 = 0.1/gamma^2``. ``z_optimizer``: the paper's Adam, or ``"lm"`` (Levenberg-Marquardt on the same latent
+    energies, same stopping rule; the caps then count its Jacobian evaluations).
     """
 
     n1: int = 25
@@ -251,8 +252,11 @@ class Budget:
     k_max: int = 350
     rho_d: float = 100.0
     beta0_gamma2: float = 0.1
+    z_optimizer: str = "adam"  # the latent optimiser of CSGM and of JPMAP's z-steps: "adam" (the paper's) or "lm"
 
     def __post_init__(self) -> None:
+        if self.z_optimizer not in ("adam", "lm"):
+            raise ValueError(f"Budget.z_optimizer must be 'adam' or 'lm', got {self.z_optimizer!r}")
         for name in ("n1", "n2", "n_max", "adam_max_iters", "csgm_max_iters", "k_max"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -274,8 +278,9 @@ def solver_call(
     CSGM (``lambda = sigma^2``, the default), JPMAP Alg. 2.3 with ``beta = 1/gamma^2`` (``jpmap_fixed_beta``), or
     Alg. 2.4 with the method's ``alpha`` (``alpha`` overrides it, e.g. with a ``(B,)`` tensor of per-image values)."""
     if method == "csgm":
-        return "csgm", {"max_iters": budget.csgm_max_iters}
+        return "csgm", {"max_iters": budget.csgm_max_iters, "z_optimizer": budget.z_optimizer}
     common = {"n1": budget.n1, "n2": budget.n2, "n_max": budget.n_max, "adam_max_iters": budget.adam_max_iters}
+    common["z_optimizer"] = budget.z_optimizer
     if method == "jpmap_fixed_beta":
         return "jpmap", common
     if method in ALPHAS:

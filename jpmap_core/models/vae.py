@@ -97,6 +97,30 @@ class GaussianVAE(nn.Module, ABC):
             raise ValueError("z contains NaN or infinite values")
         return self._decode(z)
 
+    #: rows x tangents per forward-mode pass of :meth:`decode_jacobian` (bounds its memory on large decoders)
+    jacobian_chunk: int = 1024
+
+    def decode_jacobian(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu_theta(z), J)``, ``J[b, k] = d mu_theta(z_b) / d z_k``: shapes ``(B, C, H, W)`` and ``(B, l, C, H, W)``.
+
+        Forward mode: one ``torch.func.jvp`` of the decoder under ``vmap`` over the ``l`` basis tangents, i.e. about
+        ``l`` decoder passes of work in one batched call (rows in chunks of ``jacobian_chunk / l``). No autograd
+        graph is kept. Subclasses may compute it in closed form (:meth:`MLPVAE.decode_jacobian`).
+        """
+        from torch.func import jvp, vmap
+
+        ldim = self.latent_dim
+        rows = max(1, self.jacobian_chunk // ldim)
+        basis = torch.eye(ldim, dtype=z.dtype, device=z.device)
+        G, J = [], []
+        with torch.no_grad():
+            for zc in z.detach().split(rows):
+                tangents = basis.unsqueeze(1).expand(ldim, zc.shape[0], ldim)
+                g, j = vmap(lambda v, zc=zc: jvp(self._decode, (zc,), (v,)), out_dims=(None, 1))(tangents)
+                G.append(g)
+                J.append(j)
+        return torch.cat(G), torch.cat(J)
+
     @staticmethod
     def neg_log_prior(z: Tensor) -> Tensor:
         """``-log p_Z(z) = 1/2 ||z||^2`` per image for ``p_Z = N(0, I)`` (the constant ``l/2 log 2 pi`` dropped, as

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._checks import check_tensor4d
 from ..energy import Sigma, check_sigma
-from ..models import Prior, check_prior
+from ..models import GaussianVAE, Prior, check_prior
 
 
 @dataclass
@@ -97,6 +97,7 @@ class AdamResult:
     trace: Tensor | None = None  # (T, B) loss at every gradient evaluation (NaN once an image stopped)
     trace_seconds: Tensor | None = None  # (T,) elapsed seconds at each evaluation
     batched_steps: int = 0  # gradient evaluations of the whole batch, one after the other (AdamPool.calls)
+    evals: Tensor | None = None  # (B,) decoder evaluations of each row (Adam: gradients; LM: Jacobians)
 
 
 class AdamPool:
@@ -133,6 +134,7 @@ class AdamPool:
         self.t = torch.zeros(bsz, dtype=like.dtype, device=dev)
         self.steps = torch.zeros(bsz, dtype=torch.long, device=dev)
         self.evals = torch.zeros(bsz, dtype=torch.long, device=dev)
+        self.evals_total = torch.zeros(bsz, dtype=torch.long, device=dev)  # over every (re)start
         self.converged = torch.zeros(bsz, dtype=torch.bool, device=dev)
         self.running = torch.zeros(bsz, dtype=torch.bool, device=dev)
         self.best_z = torch.zeros_like(like)
@@ -192,6 +194,7 @@ class AdamPool:
             self.last = (idx, loss)
             self._keep_best(idx, loss, zi.detach())
             self.evals[idx] += 1
+            self.evals_total[idx] += 1
             done = g.norm(dim=1) / g.shape[1] < self.tol
             if bool(done.any()):
                 self.converged[idx[done]] = True
@@ -264,7 +267,7 @@ def adam_minimize(
     trace = torch.stack(rows) if record and rows else None
     return AdamResult(
         pool.best_z, pool.best_loss, pool.steps, pool.converged, trace, torch.tensor(times) if record else None,
-        pool.calls,
+        pool.calls, pool.evals_total.clone(),
     )  # fmt: skip
 
 
@@ -317,6 +320,17 @@ def require_gaussian_decoder(prior: object, method: str) -> None:
         raise TypeError(
             f"{method} needs a prior with a Gaussian decoder N(mu_theta(z), gamma^2 I) and its beta = 1/gamma^2 "
             f"(a GaussianVAE); {type(prior).__name__} has none"
+        )
+
+
+def require_lm_prior(prior: object, method: str) -> None:
+    """The Levenberg-Marquardt latent step (:mod:`._lm`) needs a least-squares latent problem: a flat latent with the
+    prior ``N(0, I)`` (``-log p_Z = 1/2 ||z||^2``) and the decoder's Jacobian (a
+    :class:`~jpmap_core.models.GaussianVAE`)."""
+    if not isinstance(prior, GaussianVAE):
+        raise TypeError(
+            f"{method} needs a Gaussian VAE (flat latent, N(0, I) prior, decode_jacobian): the Levenberg-Marquardt "
+            f"z-step solves a least-squares problem; {type(prior).__name__} is not one (use z_optimizer='adam')"
         )
 
 

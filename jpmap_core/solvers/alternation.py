@@ -15,9 +15,11 @@ encoder guess. A *run* ends when the tolerance is met or after ``n_max`` iterati
 2.4's multiplier, Alg. 1.1's beta schedule) then decides, image by image, whether a next run ``k + 1`` starts
 (with ``n1 = n2 = 0``, i.e. descents from ``z_n`` only).
 
-The z-descents of all images share one :class:`~._common.AdamPool`: every Adam step advances every image that is
-descending, whatever its ``n`` or ``k``, so a batch costs about as many steps as its slowest image's total. An
-image's computations never see another image's state, so its result and history are those of solving it alone.
+The z-descents of all images share one pool: a :class:`~._common.AdamPool` (``z_optimizer="adam"``, the paper's) or
+an :class:`~._lm.LMPool` (``"lm"``: Levenberg-Marquardt on the same ``J1 / beta``, same stopping rule). Every step
+of the pool advances every image that is descending, whatever its ``n`` or ``k``, so a batch costs about as many
+steps as its slowest image's total. An image's computations never see another image's state, so its result and
+history are those of solving it alone.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ from torch import Tensor
 from ..energy import J1, Sigma, coupling, sigma_rows, x_step
 from ..models import GaussianVAE, latent_numel
 from ._common import AdamPool, Clock, History
+from ._lm import LMPool
 
 ALGORITHMS = ("2.1", "2.2", "2.3")
+#: the z-step's optimiser: the paper's Adam (lr 0.01) or Levenberg-Marquardt (:mod:`._lm`)
+Z_OPTIMIZERS = ("adam", "lm")
 
 
 class Step(IntEnum):
@@ -112,8 +117,9 @@ class Alternation:
 
     Per image: ``step`` (:class:`Step`), iteration ``n`` within the run, run index ``k``, the run's ``n1`` / ``n2``,
     total ``iterations``, whether the last run met the tolerance (``converged_run``). ``history`` receives one row
-    per accepted iteration (keys ``objective`` (J1), ``istar``, ``beta``, ``coupling``, ``adam_steps``, ``delta``,
-    ``J1_candidates``, ``outer``, ``seconds``).
+    per accepted iteration (keys ``objective`` (J1), ``istar``, ``beta``, ``coupling``, ``adam_steps`` (the z-steps'
+    iterations: Adam steps, or LM iterations with ``z_optimizer="lm"``), ``delta``, ``J1_candidates``, ``outer``,
+    ``seconds``). ``adam``: the z-steps' ``tol`` and ``max_iters`` (and Adam's ``lr``).
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class Alternation:
         on_run_end: RunEnd,
         history: History,
         clock: Clock,
+        z_optimizer: str = "adam",
     ) -> None:
         B = it.x.shape[0]
         dev = it.x.device
@@ -158,7 +165,16 @@ class Alternation:
         def z_objective(zr: Tensor, idx: Tensor) -> Tensor:  # J1 / beta in z: the official scaling, same minimisers
             return 0.5 * coupling(it.x[idx], prior.decode(zr, check=False)) + prior.neg_log_prior(zr) / it.beta[idx]
 
-        self.pool = AdamPool(z_objective, it.z, **adam)
+        def z_residual(zr: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # the same J1 / beta, for LM
+            G, JG = prior.decode_jacobian(zr)
+            return (G - it.x[idx]).flatten(1), JG.flatten(2), 1.0 / it.beta[idx]
+
+        if z_optimizer == "adam":
+            self.pool: AdamPool | LMPool = AdamPool(z_objective, it.z, **adam)
+        elif z_optimizer == "lm":
+            self.pool = LMPool(z_residual, it.z, scale=0.5, tol=adam["tol"], max_iters=adam["max_iters"])
+        else:
+            raise ValueError(f"unknown z_optimizer {z_optimizer!r}; expected one of {Z_OPTIMIZERS}")
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:

@@ -4,6 +4,7 @@
 weight the JPMAP paper uses for its comparison: this is ``2 sigma^2 [F(G(z), y) + 1/2 ||z||^2]``, i.e. the
 MAP-z problem of eq. 1.3. Adam (lr 0.01), per-image stopping ``||grad||/l < tol`` (official code: 1e-5, at most
 5000 steps), optional random restarts keeping the lowest energy per image. ``x = G(z_hat)`` (eq. 1.4).
+``z_optimizer="lm"``: batched Levenberg-Marquardt (:mod:`._lm`) on the same energy, with the same stopping rule.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from torch import Tensor
 
 from ..energy import Sigma, noise_std, sigma_info
 from ..models import Prior
-from ._common import Clock, Restoration, adam_minimize, check_problem
+from ._common import Clock, Restoration, adam_minimize, check_problem, require_lm_prior
+from ._lm import lm_minimize
+
+Z_OPTIMIZERS = ("adam", "lm")
 
 
 def csgm(
@@ -31,6 +35,7 @@ def csgm(
     lr: float = 0.01,
     tol: float = 1e-5,
     max_iters: int = 5000,
+    z_optimizer: str = "adam",
 ) -> Restoration:
     """CSGM restoration of ``y`` (noise std ``sigma`` on the 0-255 scale).
 
@@ -43,8 +48,19 @@ def csgm(
     energy ``||A G(z) - y||^2 + lambda ||z||^2`` ``(T, B)`` of the restart each image kept (NaN after it stopped),
     ``history["seconds"]`` the elapsed time ``(T,)`` of that restart, ``history["objective_final"]`` the final
     energy of every restart ``(restarts, B)``.
+
+    ``z_optimizer``: ``"adam"`` (default: Adam, lr ``lr``) or ``"lm"``: batched Levenberg-Marquardt
+    (:class:`~._lm.LMPool`) on the residual ``R(z) = A mu_theta(z) - y`` with the weight ``lambda`` on ``||z||^2``:
+    per image and iteration the ``l x l`` system ``(J^T J + lambda I + S + mu I) delta = -(J^T R + lambda z)``,
+    ``J = A d mu_theta / dz`` (needs a Gaussian VAE). Both stop at ``||grad||/l < tol`` or after ``max_iters``
+    decoder evaluations (gradients, Jacobians); ``per_image["decoder_evals"]`` counts them (all restarts),
+    ``history["adam_steps"]`` the iterations of each restart.
     """
+    if z_optimizer not in Z_OPTIMIZERS:
+        raise ValueError(f"unknown z_optimizer {z_optimizer!r}; expected one of {Z_OPTIMIZERS}")
     y, x0, sigma = check_problem(y, op, vae, sigma, None, "adjoint", None)
+    if z_optimizer == "lm":
+        require_lm_prior(vae, "CSGM with z_optimizer='lm'")
     B = x0.shape[0]
     if lam is None:
         s = noise_std(sigma, y)
@@ -74,6 +90,7 @@ def csgm(
     best_z, best_E = None, None
     energies, all_steps, all_conv, traces, trace_times = [], [], [], [], []
     batched_steps = 0
+    evals = None
     for r in range(restarts):
         start = z0 if r == 0 else torch.randn(B, *ldim, generator=generator, device=x0.device, dtype=x0.dtype)
         with torch.no_grad():
@@ -88,7 +105,15 @@ def csgm(
             lam_i = lam[idx] if isinstance(lam, Tensor) else lam
             return res.pow(2).sum(1) + 2 * lam_i * vae.neg_log_prior(zr)  # lam ||z||^2 for p_Z = N(0, I)
 
-        out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters, record=True)
+        def residual(zr: Tensor, idx: Tensor, G_cache: Tensor = G_cache) -> tuple[Tensor, Tensor, Tensor]:
+            return _residual(zr, idx, vae, op, y, lam, G_cache)
+
+        if z_optimizer == "lm":
+            # tau0 = 1: cautious first steps from a poor start (z = 0 or a random restart), see LMPool
+            out = lm_minimize(residual, start, scale=1.0, tol=tol, max_iters=max_iters, tau0=1.0, record=True)
+        else:
+            out = adam_minimize(loss, start, lr=lr, tol=tol, max_iters=max_iters, record=True)
+        evals = out.evals if evals is None else evals + out.evals
         batched_steps += out.batched_steps
         energies.append(out.loss)
         traces.append(out.trace)
@@ -128,8 +153,37 @@ def csgm(
             "tol": tol,
             "max_iters": max_iters,
             "restarts": restarts,
+            "z_optimizer": z_optimizer,
             "batched_steps": batched_steps,
             "seconds": clock(),
         },
-        per_image={"best_restart": best_r.cpu()},
+        per_image={"best_restart": best_r.cpu(), "decoder_evals": evals.cpu()},
     )
+
+
+def _residual(zr: Tensor, idx: Tensor, vae, op, y: Tensor, lam, G_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CSGM as least squares for :class:`~._lm.LMPool`: ``R = A mu_theta(z) - y``, ``J = A d mu_theta/dz`` (``A``
+    applied to each of the ``l`` tangent images) and the weight ``lambda`` of ``||z||^2``, for rows ``idx``.
+
+    Only rows ``idx`` are computed when the operator can be restricted to them (:meth:`LinearOperator.rows`);
+    otherwise ``A`` acts on the whole batch (the other rows from ``G_cache``; for the tangents, zeros: ``A`` is
+    linear) and rows ``idx`` are kept.
+    """
+    G, JG = vae.decode_jacobian(zr)
+    ldim = JG.shape[1]
+    lam_i = lam[idx] if isinstance(lam, Tensor) else torch.full((zr.shape[0],), float(lam), dtype=zr.dtype)
+    sub = op.rows(idx) if hasattr(op, "rows") else None
+    if sub is not None:
+        R = (sub.A(G) - y[idx]).flatten(1)
+        J = torch.stack([sub.A(JG[:, k]).flatten(1) for k in range(ldim)], 1)
+        return R, J, lam_i.to(zr)
+    G_all = G_cache.clone()
+    G_all[idx] = G
+    G_cache[idx] = G
+    R = (op.A(G_all) - y).flatten(1)[idx]
+    cols = []
+    for k in range(ldim):
+        T = torch.zeros_like(G_cache)
+        T[idx] = JG[:, k]
+        cols.append(op.A(T).flatten(1)[idx])
+    return R, torch.stack(cols, 1), lam_i.to(zr)

@@ -9,6 +9,8 @@ Defaults follow the paper and the official code (mago876/JPMAP):
 ``J1 / beta`` and at most 3000 steps, outer tolerance ``||x_{n+1}-x_n||/sqrt(d) + ||z_{n+1}-z_n||/sqrt(l) < 1/255``
 (1/255 is an RMSE of one grey level), ``x0 = A_dagger(y)`` (§3.4; ``init="adjoint"`` gives the official
 ``A^T y``), and for Alg. 2.4 ``beta0 = 0.1/gamma^2``, ``rho = 100/d``, ``eps = (alpha/255)^2 d``.
+``z_optimizer="lm"`` replaces the Adam z-steps by batched Levenberg-Marquardt (:mod:`._lm`) on the same energy with
+the same stopping rule (not in the paper; far fewer decoder passes).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from torch import Tensor
 
 from ..energy import J1, Sigma, as_beta, coupling, sigma_info
 from ..models import GaussianVAE
-from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder
-from .alternation import ALGORITHMS, Alternation, Data, Iterate
+from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder, require_lm_prior
+from .alternation import ALGORITHMS, Z_OPTIMIZERS, Alternation, Data, Iterate
 
 
 class Multiplier:
@@ -102,8 +104,10 @@ class Snapshots:
         return {k: {n: v.detach().clone().cpu() for n, v in self.kept[k].items()} for k in sorted(self.kept)}
 
 
-def _check_options(algorithm, n1, n2, n_max, k_max, adam_max_iters, alpha, snapshots, tol, adam_lr, adam_tol):
+def _check_options(algorithm, n1, n2, n_max, k_max, adam_max_iters, alpha, snapshots, tol, adam_lr, adam_tol, z_opt):
     """Validated options: ``(alpha as a CPU float64 tensor or None, the set of snapshot iterations)``."""
+    if z_opt not in Z_OPTIMIZERS:
+        raise ValueError(f"unknown z_optimizer {z_opt!r}; expected one of {Z_OPTIMIZERS}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS} (Alg. 2.4: pass alpha)")
     for name, v in (("n1", n1), ("n2", n2), ("n_max", n_max), ("k_max", k_max), ("adam_max_iters", adam_max_iters)):
@@ -173,6 +177,7 @@ def jpmap(
     adam_tol: float = 1e-4,
     adam_max_iters: int = 3000,
     snapshots: Iterable[int] = (),
+    z_optimizer: str = "adam",
 ) -> Restoration:
     """Restore ``y = A x + noise`` (noise std ``sigma`` on the 0-255 scale) with the VAE prior ``vae``.
 
@@ -208,11 +213,22 @@ def jpmap(
     ``z0`` (default: none, i.e. ``J1(x_0, z_0) = +inf`` so the first encoder guess is always accepted, as in
     the official code) initialises ``z`` for ``z3``. ``history`` rows are alternation iterations; in Alg. 2.4,
     ``history["outer"]`` tells the outer index ``k`` (0 for the initial run).
+
+    ``z_optimizer``: how every z-step ``gd_z J1(x_n, .)`` (Alg. 2.2-2.3, lines 13 and 21) descends ``J1 / beta`` =
+    ``1/2 ||x_n - mu_theta(z)||^2 + 1/(2 beta) ||z||^2``: ``"adam"`` (default, the paper's: lr ``adam_lr``) or
+    ``"lm"``, batched Levenberg-Marquardt (:class:`~._lm.LMPool`: per image, the ``l x l`` system
+    ``(J^T J + I/beta + S + mu I) delta = -grad`` with ``J`` the decoder's Jacobian, Nielsen's damping, the gain
+    ratio deciding acceptance). Both stop at ``||grad (J1/beta)||/l < adam_tol`` or after ``adam_max_iters``
+    decoder evaluations (Adam: gradients; LM: Jacobians), and both only accept steps that lower the energy, so
+    the properties Alg. 2.3 needs of ``gd_z`` hold for either. ``history["adam_steps"]`` then counts LM iterations;
+    ``per_image["decoder_evals"]`` counts each image's decoder evaluations in its z-steps (either optimiser).
     """
     alpha_t, wanted = _check_options(
-        algorithm, n1, n2, n_max, k_max, adam_max_iters, alpha, snapshots, tol, adam_lr, adam_tol
+        algorithm, n1, n2, n_max, k_max, adam_max_iters, alpha, snapshots, tol, adam_lr, adam_tol, z_optimizer
     )
     require_gaussian_decoder(vae, "JPMAP")
+    if z_optimizer == "lm":
+        require_lm_prior(vae, "JPMAP with z_optimizer='lm'")
     y, x, sigma = check_problem(y, op, vae, sigma, x0, init, eps_dagger)
     B, d = x.shape[0], x[0].numel()
     clock = Clock()
@@ -242,7 +258,7 @@ def jpmap(
     history = History(B)
     alt = Alternation(
         it, Data(y, op, vae, sigma), algorithm=algorithm, n1=n1, n2=n2, n_max=n_max, tol=tol, adam=adam,
-        J_prev=J_prev, on_run_end=on_run_end, history=history, clock=clock,
+        J_prev=J_prev, on_run_end=on_run_end, history=history, clock=clock, z_optimizer=z_optimizer,
     )  # fmt: skip
     alt.run()
     info = {
@@ -255,10 +271,11 @@ def jpmap(
         "n_max": n_max,
         "tol": tol,
         "adam": adam,
+        "z_optimizer": z_optimizer,
         "init": "given" if x0 is not None else init,
-        "batched_steps": alt.pool.calls,  # Adam steps of the batch, one after the other (see AdamPool.calls)
+        "batched_steps": alt.pool.calls,  # z-optimiser steps of the batch, one after the other (see AdamPool.calls)
     }
-    per_image = {}
+    per_image = {"decoder_evals": alt.pool.evals_total.cpu()}
     if multiplier is not None:
         info.update(multiplier.info())
         per_image["outer_iterations"] = multiplier.outer_iterations.cpu()

@@ -4,7 +4,8 @@ For each ``beta_k`` of an increasing schedule: alternate the non-convex z-step `
 gradient descent: batched Adam from ``z_n``, no encoder) and the quadratic x-step (eq. 2.7), until the
 iterates stop moving (``||dx||/sqrt(d) + ||dz||/sqrt(l) < tol``) or ``maxiter``; then warm-start the next beta.
 As ``beta -> inf``, ``x_beta -> x_map-z`` (eq. 1.6). This is Alg. 2.3 with ``n1 = n2 = 0`` run along a beta
-schedule -- the encoder is never used, which is exactly what JPMAP adds.
+schedule -- the encoder is never used, which is exactly what JPMAP adds. ``z_optimizer="lm"`` descends each z-step
+by Levenberg-Marquardt instead of Adam (as in :func:`~.jpmap.jpmap`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from torch import Tensor
 
 from ..energy import J1, Sigma, sigma_info
 from ..models import GaussianVAE
-from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder
-from .alternation import Alternation, Data, Iterate
+from ._common import Clock, History, Restoration, check_problem, require_gaussian_decoder, require_lm_prior
+from .alternation import Z_OPTIMIZERS, Alternation, Data, Iterate
 
 #: the default schedule, in units of the decoder's ``1/gamma^2``: from Alg. 2.4's ``beta0 = 0.1/gamma^2`` up to
 #: ``1/gamma^2`` (the fixed beta of JPMAP) in 5 geometric steps
@@ -40,6 +41,7 @@ def mapz_splitting(
     adam_lr: float = 0.01,
     adam_tol: float = 1e-4,
     adam_max_iters: int = 3000,
+    z_optimizer: str = "adam",
 ) -> Restoration:
     """Alg. 1.1 over the schedule ``betas`` (positive, non-decreasing; default :data:`DEFAULT_BETAS_GAMMA2` times
     ``1/gamma^2``). ``z0`` defaults to 0.
@@ -50,8 +52,16 @@ def mapz_splitting(
 
     ``history["objective"]`` is ``J_{1,beta_k}`` after each alternation, ``history["outer"]`` the index ``k`` of
     ``beta_k``; ``converged`` says whether the last beta's inner loop met the tolerance.
+
+    ``z_optimizer``: ``"adam"`` (default) or ``"lm"`` (batched Levenberg-Marquardt on the same ``J1 / beta``, same
+    stopping rule ``||grad||/l < adam_tol``, at most ``adam_max_iters`` Jacobian evaluations per z-step; see
+    :func:`~.jpmap.jpmap`). ``per_image["decoder_evals"]``: each image's decoder evaluations in its z-steps.
     """
     require_gaussian_decoder(vae, "map-z splitting")
+    if z_optimizer not in Z_OPTIMIZERS:
+        raise ValueError(f"unknown z_optimizer {z_optimizer!r}; expected one of {Z_OPTIMIZERS}")
+    if z_optimizer == "lm":
+        require_lm_prior(vae, "map-z splitting with z_optimizer='lm'")
     if betas is None:
         betas = [f * vae.beta for f in DEFAULT_BETAS_GAMMA2]
     if not isinstance(maxiter, int) or maxiter < 1:
@@ -83,7 +93,7 @@ def mapz_splitting(
     alt = Alternation(
         it, Data(y, op, vae, sigma), algorithm="2.3", n1=0, n2=0, n_max=maxiter, tol=tol,
         adam={"lr": adam_lr, "tol": adam_tol, "max_iters": adam_max_iters}, J_prev=it.J.clone(),
-        on_run_end=next_beta, history=history, clock=clock,
+        on_run_end=next_beta, history=history, clock=clock, z_optimizer=z_optimizer,
     )  # fmt: skip
     alt.run()
     return Restoration(
@@ -99,8 +109,11 @@ def mapz_splitting(
             "sigma": sigma_info(sigma),
             "maxiter": maxiter,
             "tol": tol,
+            "z_optimizer": z_optimizer,
+            "batched_steps": alt.pool.calls,
             "seconds": clock(),
         },  # fmt: skip
+        per_image={"decoder_evals": alt.pool.evals_total.cpu()},
     )
 
 
