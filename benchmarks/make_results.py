@@ -190,9 +190,46 @@ def zstep_table(path: str) -> str:
     return "\n".join(lines)
 
 
+def pnp_hvae_table(path: str) -> str:
+    """The table of ``bench_pnp_hvae.py``: PnP-HVAE batched and in a loop, the Adam baseline, the prior's training."""
+    d = json.load(open(path))
+    m, pr, o, t = d["machine"], d["problem"], d["options"], d["training"]
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads). Prior `{d['prior']}` (sha256 {d['weights_sha256'][:8]}); {pr['n_images']} "
+        f"BSD test crops of {pr['size']}x{pr['size']}, blur `{pr['kernel']}`, sigma {pr['sigma']:g}; tau {o['tau']:g}, "
+        f"PnP-HVAE at most {o['max_iters']} iterations, Adam at most {o['adam_max_iters']}; "
+        f"median of {o['repeats']} runs.",
+        "",
+        "| method | mode | seconds | iterations median (max) | image-iterations/s | PSNR (dB) | converged "
+        "| speed-up vs loop | seconds vs PnP-HVAE |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        name = r["method"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        its = f"{r['iterations_median']:.0f} ({r['iterations_max']})" if "iterations_median" in r else "-"
+        psnr = f"{r['psnr_mean']:.2f}" if "psnr_mean" in r else "-"
+        conv = f"{r['converged']}/{pr['n_images']}" if "converged" in r else "-"
+        sp = f"{r['speedup_vs_loop']:.2f}x" if "speedup_vs_loop" in r else "-"
+        vs = f"{r['seconds_vs_pnp_hvae']:.1f}x" if "seconds_vs_pnp_hvae" in r else "-"
+        lines.append(
+            f"| {name} | {r['mode']} | {r['seconds']:.2f} | {its} | {r['image_iterations_per_second']:.0f} | {psnr} "
+            f"| {conv} | {sp} | {vs} |"
+        )
+    if t.get("patches_per_second"):
+        lines += [
+            "",
+            f"Training of the prior: {t['patches_seen']:,} patches in {t['training_seconds']:.0f} s, "
+            f"{t['patches_per_second']:.0f} patches/s on one thread ({t['machine']}).",
+        ]
+    return "\n".join(lines)
+
+
 def render(path: str) -> str:
     """The table of any of the benchmarks' JSON files, chosen by what the file holds."""
     d = json.load(open(path))
+    if d.get("benchmark") == "bench_pnp_hvae":
+        return pnp_hvae_table(path)
     if d.get("benchmark") == "lm_zstep":
         return zstep_table(path)
     if d.get("benchmark") == "merge":

@@ -25,6 +25,7 @@ import make_results  # noqa: E402
         "results_faces_cpu.json",
         "results_faces_lm_cpu.json",
         "results_merge_cpu.json",
+        "results_pnp_hvae_cpu.json",
     ],
 )
 def test_results_md_shows_what_the_json_says(name):
