@@ -53,11 +53,12 @@ def optimizer_table(d: dict) -> str:
         for o, c in d["step_ms_by_z_optimizer"].items()
     )
     load = ", ".join(f"{v:.1f}" for v in d["load_average"])
+    alg24 = f"Alg. 2.4 k_max = {d['alg24_k_max']}. " if any(r["method"] == "jpmap_alg24" for r in d["rows"]) else ""
     lines = [
         f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), Python {m['python']}; load average at the end {load}. Prior `{d['prior']}` "
-        f"(sha256 `{d['weights_sha256'][:12]}...`), data: {d['data_source']}. Alg. 2.4 k_max = {d['alg24_k_max']}. "
-        f"{d['loop_note']}. One step of the z-optimiser: {steps}.",
+        f"(sha256 `{d['weights_sha256'][:12]}...`), data: {d['data_source']}. {alg24}"
+        f"{d['loop_note']}. One step of the z-optimiser (CPU seconds): {steps}.",
         "",
         "| problem | method | z-optimizer | batched s: wall (CPU) | repeats | speed-up vs adam: wall (CPU) "
         "| decoder evals/image mean (max) | batched steps | loop s (scaled): wall (CPU) | speed-up vs loop: wall (CPU) "
