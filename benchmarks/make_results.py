@@ -53,29 +53,33 @@ def optimizer_table(d: dict) -> str:
         for o, c in d["step_ms_by_z_optimizer"].items()
     )
     load = ", ".join(f"{v:.1f}" for v in d["load_average"])
+    alg24 = f"Alg. 2.4 k_max = {d['alg24_k_max']}. " if any(r["method"] == "jpmap_alg24" for r in d["rows"]) else ""
     lines = [
         f"Machine: {m['processor']}, {m['cpu_count']} cores, device {m['device']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), Python {m['python']}; load average at the end {load}. Prior `{d['prior']}` "
-        f"(sha256 `{d['weights_sha256'][:12]}...`), data: {d['data_source']}. Alg. 2.4 k_max = {d['alg24_k_max']}. "
-        f"{d['loop_note']}. One step of the z-optimiser: {steps}.",
+        f"(sha256 `{d['weights_sha256'][:12]}...`), data: {d['data_source']}. {alg24}"
+        f"{d['loop_note']}. One step of the z-optimiser (CPU seconds): {steps}.",
         "",
         "| problem | method | z-optimizer | batched s: wall (CPU) | repeats | speed-up vs adam: wall (CPU) "
         "| decoder evals/image mean (max) | batched steps | loop s (scaled): wall (CPU) | speed-up vs loop: wall (CPU) "
-        "| model ceiling | PSNR dB | PSNR - adam | converged | max abs diff vs loop |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model ceiling | PSNR dB | PSNR - adam | objective vs adam: lower / higher (by 1e-3) | converged "
+        "| max abs diff vs loop |",
+        "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for r in d["rows"]:
         vs_adam = "-"
         if "speedup_vs_adam" in r:
             vs_adam = f"{r['speedup_vs_adam']:.1f}x ({r['speedup_vs_adam_cpu']:.1f}x)"
         dpsnr = f"{r['psnr_diff_vs_adam']:+.2f}" if "psnr_diff_vs_adam" in r else "-"
+        o = r.get("objective_vs_adam")
+        vs_obj = "-" if o is None else f"{o['lower_by_1e-3']} / {o['higher_by_1e-3']}"
         ceil = f"{r['model_ceiling']:.1f}x" if "model_ceiling" in r else "-"
         lines.append(
             f"| {r['problem']} | {r['method']} | {r['z_optimizer']} | {r['seconds']:.1f} ({r['cpu_seconds']:.1f}) "
             f"| {r['repeats']} | {vs_adam} | {r['decoder_evals_per_image']:.0f} ({r['decoder_evals_max']:.0f}) "
             f"| {r['batched_steps']} | {r['loop_seconds_scaled']:.0f} ({r['loop_cpu_seconds_scaled']:.0f}) "
             f"| {r['speedup_vs_loop']:.1f}x ({r['speedup_vs_loop_cpu']:.1f}x) | {ceil} | {r['psnr_mean']:.2f} "
-            f"| {dpsnr} | {r['converged_fraction']:.2f} | {r['max_abs_diff_vs_loop']:.1e} |"
+            f"| {dpsnr} | {vs_obj} | {r['converged_fraction']:.2f} | {r['max_abs_diff_vs_loop']:.1e} |"
         )
     return "\n".join(lines)
 
