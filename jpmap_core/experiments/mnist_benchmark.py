@@ -277,10 +277,10 @@ def solver_call(
     """The registry name (:data:`jpmap_core.solvers.SOLVERS`) and options of one of :data:`METHODS` under ``budget``:
     CSGM (``lambda = sigma^2``, the default), JPMAP Alg. 2.3 with ``beta = 1/gamma^2`` (``jpmap_fixed_beta``), or
     Alg. 2.4 with the method's ``alpha`` (``alpha`` overrides it, e.g. with a ``(B,)`` tensor of per-image values)."""
+    lm = {} if budget.z_optimizer == "adam" else {"z_optimizer": budget.z_optimizer}  # adam: the solvers' default
     if method == "csgm":
-        return "csgm", {"max_iters": budget.csgm_max_iters, "z_optimizer": budget.z_optimizer}
-    common = {"n1": budget.n1, "n2": budget.n2, "n_max": budget.n_max, "adam_max_iters": budget.adam_max_iters}
-    common["z_optimizer"] = budget.z_optimizer
+        return "csgm", {"max_iters": budget.csgm_max_iters, **lm}
+    common = {"n1": budget.n1, "n2": budget.n2, "n_max": budget.n_max, "adam_max_iters": budget.adam_max_iters, **lm}
     if method == "jpmap_fixed_beta":
         return "jpmap", common
     if method in ALPHAS:
