@@ -6,4 +6,6 @@ figure layouts). Notebooks import from here; the core (``jpmap_core.*`` outside 
 * :mod:`~jpmap_core.experiments.sigma_sweep` -- JPMAP Figs. 1-2 (notebook 05): the sigma_DVAE sweep
 * :mod:`~jpmap_core.experiments.mnist_benchmark` -- JPMAP Figs. 6-7 (notebook 06): 3 problems x 5 levels x 5 methods
 * :mod:`~jpmap_core.experiments.faces` -- JPMAP Fig. 8 (notebook 07): CelebA and FFHQ faces
+* :mod:`~jpmap_core.experiments.pnp_hvae_analysis` -- PnP-HVAE Figs. 1, 2, 7 (notebooks 08, 09): Lipschitz ratios and
+  Jacobian norms of the HVAE reconstruction, Algorithm 2 against Adam, the temperature sweep
 """
