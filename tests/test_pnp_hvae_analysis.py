@@ -135,6 +135,12 @@ def test_lipschitz_rows_have_exactly_the_keys_one_per_tau_and_sigma(hvae):
     assert all(r["ratio_median"] <= r["ratio_q99"] <= r["ratio_max"] for r in rows)
     again = pa.lipschitz_study(hvae, u, v, taus=[0.6, 0.99], sigmas=[0, 25], n_jacobian=2, power_iters=3, seed=1)
     assert pa.lipschitz_rows(again) == rows  # same seed, same numbers
+    chunked = pa.lipschitz_study(
+        hvae, u, v, taus=[0.6, 0.99], sigmas=[0, 25], n_jacobian=2, power_iters=3, seed=1, batch_size=1
+    )
+    for key, value in study["ratios"].items():  # the patches of a batch are independent: chunks change nothing
+        torch.testing.assert_close(chunked["ratios"][key], value)
+        torch.testing.assert_close(chunked["jacobian"][key], study["jacobian"][key])
     claims = pa.lipschitz_claims(study)
     assert {"noisy_all_below_1", "lower_tau_contracts_more", "clean_near_1", "noisy_jacobian_max"} <= set(claims)
 

@@ -98,20 +98,23 @@ def lipschitz_ratios(f: Map, u: Tensor, v: Tensor) -> Tensor:
 
 
 def jacobian_norm(
-    f: Map, x: Tensor, *, n_iter: int = 20, generator: torch.Generator | None = None
+    f: Map, x: Tensor, *, n_iter: int = 20, generator: torch.Generator | None = None, v0: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     r"""Spectral norm ``||J_f(x_b)||_2`` of the Jacobian of ``f`` at every image ``x_b`` by power iteration on
     ``J^T J``, one vector per image (``f`` must act on the images of a batch independently, as the HVAE does).
 
-    From ``v_0 ~ N(0, I)`` (``generator``), normalised per image, each step computes ``J v`` (forward mode,
-    ``torch.func.jvp``) and ``J^T (J v)`` (reverse mode, one ``vjp`` at ``x`` reused by every step), and
+    From ``v_0`` (given, else ``N(0, I)`` from ``generator``), normalised per image, each step computes ``J v``
+    (forward mode, ``torch.func.jvp``) and ``J^T (J v)`` (reverse mode, one ``vjp`` at ``x`` reused by every step), and
     ``v <- J^T J v / ||J^T J v||``. The estimate after step ``k`` is ``||J v_{k-1}||``, a lower bound of
     ``||J||_2`` (``v`` has unit norm) that increases to it; the local Lipschitz constant of ``f`` at ``x`` is
     ``||J(x)||_2``, and the global one is at least that. Returns ``(estimate (B,), history (n_iter, B))``.
     """
     n_iter = _positive_int(n_iter, "n_iter")
     x = x.detach()
-    v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    v = torch.randn(x.shape, generator=generator, dtype=x.dtype) if v0 is None else v0.detach()
+    if v.shape != x.shape:
+        raise ValueError(f"v0 must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
+    v = v.to(device=x.device, dtype=x.dtype)
     v = v / _per_image_norm(v).view(-1, *[1] * (x.dim() - 1))
     _, vjp_fn = torch.func.vjp(f, x)
     history = []
@@ -179,6 +182,7 @@ def lipschitz_study(
     power_iters: int = 20,
     seed: int = 0,
     clamp: bool = True,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Fig. 1 and its extension: for every noise level ``sigma`` the clean pairs ``(u, v)`` get their own white noise
     (one draw per level, shared by the temperatures, so that temperatures are compared on the same points); for every
@@ -186,13 +190,16 @@ def lipschitz_study(
     noisy ``u`` of the first ``n_jacobian`` pairs.
 
     Draws come from one generator seeded with ``seed``: the noise of each level in the order of ``sigmas`` (``u``
-    then ``v``), then the power iterations' starting vectors. Returns ``{"ratios": {(tau, sigma): (B,)},
-    "jacobian": {(tau, sigma): (n_jacobian,)}, "jacobian_history": {(tau, sigma): (power_iters, n_jacobian)},
-    "taus", "sigmas", "n_pairs", "n_jacobian", "power_iters", "clamp"}``.
+    then ``v``), then the power iterations' starting vectors. The network sees at most ``batch_size`` patches at a
+    time (memory; every image is independent of the others in its batch, so the numbers do not depend on it).
+
+    Returns ``{"ratios": {(tau, sigma): (B,)}, "jacobian": {(tau, sigma): (n_jacobian,)}, "jacobian_history":
+    {(tau, sigma): (power_iters, n_jacobian)}, "taus", "sigmas", "n_pairs", "n_jacobian", "power_iters", "clamp"}``.
     """
     if not taus or not sigmas:
         raise ValueError("taus and sigmas must each list at least one value")
     n_jacobian = min(_positive_int(n_jacobian, "n_jacobian"), u.shape[0])
+    bs = _positive_int(batch_size, "batch_size")
     g = torch.Generator().manual_seed(int(seed))
     noisy = {}
     for s in sigmas:
@@ -203,9 +210,16 @@ def lipschitz_study(
         for s in sigmas:
             un, vn = noisy[float(s)]
             key = (float(t), float(s))
-            out["ratios"][key] = lipschitz_ratios(f, un, vn)
-            est, hist = jacobian_norm(f, un[:n_jacobian], n_iter=power_iters, generator=g)
-            out["jacobian"][key], out["jacobian_history"][key] = est, hist
+            out["ratios"][key] = torch.cat(
+                [lipschitz_ratios(f, un[i : i + bs], vn[i : i + bs]) for i in range(0, un.shape[0], bs)]
+            )
+            v0 = torch.randn(un[:n_jacobian].shape, generator=g, dtype=un.dtype)
+            parts = [
+                jacobian_norm(f, un[i : min(i + bs, n_jacobian)], n_iter=power_iters, v0=v0[i : i + bs])
+                for i in range(0, n_jacobian, bs)
+            ]
+            out["jacobian"][key] = torch.cat([e for e, _ in parts])
+            out["jacobian_history"][key] = torch.cat([h for _, h in parts], 1)
     out.update(
         taus=[float(t) for t in taus],
         sigmas=[float(s) for s in sigmas],
