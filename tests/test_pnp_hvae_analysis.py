@@ -234,10 +234,11 @@ def test_temperature_sweep_returns_one_row_per_tau_with_the_keys(hvae):
     images = [_images(1, 12, 12, seed=i) for i in range(2)] + [_images(1, 12, 16, seed=5)]  # SSIM needs >= 11x11
     problems, batches, index = pa.deblurring_problems(images, KERNEL, 7.65, seed=0)
     assert index == [[0, 1], [2]]
-    rows, restored = pa.temperature_sweep(problems, batches, hvae, taus=[0.5, 0.8, 0.99], max_iters=3)
+    rows, restored, iterations = pa.temperature_sweep(problems, batches, hvae, taus=[0.5, 0.8, 0.99], max_iters=3)
     assert [r["tau"] for r in rows] == [0.5, 0.8, 0.99]
     assert all(tuple(r) == pa.TEMPERATURE_KEYS for r in rows)
     assert [tuple(t.shape) for t in restored[0.8]] == [(2, 3, 12, 12), (1, 3, 12, 16)]
+    assert all(len(n) == 3 and all(1 <= k <= 3 for k in n) for n in iterations.values())
     c = pa.temperature_claims(rows)
     assert c["best_tau"] in (0.5, 0.8, 0.99)
     assert c["intermediate_best"] == (c["best_tau"] == 0.8)

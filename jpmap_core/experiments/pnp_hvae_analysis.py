@@ -329,7 +329,8 @@ def plot_lipschitz(study: dict[str, Any], *, bins: int = 30):
         ax = axes[i]
         for t in taus:
             r = study["ratios"][(t, s)].numpy()
-            ax.hist(r, bins=edges, alpha=0.5, color=colours[t], label=f"$\\tau = {t:g}$")
+            ax.hist(r, bins=edges, histtype="stepfilled", alpha=0.3, color=colours[t])
+            ax.hist(r, bins=edges, histtype="step", lw=1.5, color=colours[t], label=f"$\\tau = {t:g}$")
         ax.axvline(1.0, color="k", ls=":", lw=1)
         ax.set_title(f"({letters[i]}) $\\sigma = {s:g}$")
         ax.set_xlabel("ratio $r$")
@@ -637,32 +638,34 @@ def temperature_sweep(
     taus: Sequence[float],
     max_iters: int = 50,
     gamma: float | None = None,
-) -> tuple[list[dict[str, Any]], dict[float, list[Tensor]]]:
+) -> tuple[list[dict[str, Any]], dict[float, list[Tensor]], dict[float, list[int]]]:
     """Fig. 7: Algorithm 2 (its default stopping rule, at most ``max_iters`` iterations) at every temperature ``tau``
     on every problem (``problems[i]`` a :class:`~jpmap_core.operators.Problem` of the clean batch ``x_true[i]``: one
     batched call per problem and temperature, so images of different sizes go in different problems).
 
     Returns one row per ``tau`` with exactly :data:`TEMPERATURE_KEYS` (mean PSNR and SSIM of the restored ``x_n``,
-    clamped to [0, 1], over every image) and the restored images ``{tau: [x_n of problem i]}``.
+    clamped to [0, 1], over every image), the restored images ``{tau: [x_n of problem i]}`` and the iterations each
+    image ran ``{tau: [n of every image, problem by problem]}``.
     """
     if not taus:
         raise ValueError("taus must list at least one temperature")
     if len(problems) != len(x_true):
         raise ValueError(f"{len(problems)} problems but {len(x_true)} clean batches")
-    rows, images = [], {}
+    rows, images, iterations = [], {}, {}
     for t in taus:
-        outs, p_all, s_all = [], [], []
+        outs, p_all, s_all, its = [], [], [], []
         for pb, x in zip(problems, x_true, strict=True):
             res = pnp_hvae(pb.y, pb.op, prior, sigma=pb.sigma, tau=float(t), max_iters=max_iters, gamma=gamma)
             xr = res.x.clamp(0, 1)
             outs.append(xr)
+            its += [int(n) for n in res.iterations]
             p_all.append(psnr(xr, x))
             s_all.append(ssim(xr, x))
-        images[float(t)] = outs
+        images[float(t)], iterations[float(t)] = outs, its
         rows.append(
             {"tau": float(t), "psnr_mean": float(torch.cat(p_all).mean()), "ssim_mean": float(torch.cat(s_all).mean())}
         )
-    return rows, images
+    return rows, images, iterations
 
 
 def temperature_claims(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
