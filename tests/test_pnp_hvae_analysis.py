@@ -205,7 +205,7 @@ def test_convergence_rows_have_exactly_the_keys_and_name_each_method(hvae):
     for r in rows:
         assert math.isfinite(r["j1_final"]) and math.isfinite(r["psnr_final"])
     claims = pa.convergence_claims(rows, runs)
-    assert set(claims["lk_std_late"]) == set(runs)
+    assert set(claims["lk_std_late"]) == set(claims["lk_variation_late"]) == set(runs)
     assert isinstance(pa.describe_convergence(claims, rows), str)
 
 
@@ -217,16 +217,29 @@ def test_convergence_claims_follow_the_rows():
                            history={"lipschitz": lk, "residual": torch.ones_like(lk)})  # fmt: skip
 
     runs = {"pnp_hvae": run([0.5, 0.6, 0.6, 0.6]), "adam_lr0.01": run([0.5, 1.5, 0.3, 1.4])}
+    runs["adam_lr0.001"] = run([0.5, 0.7, 0.5, 0.7])
+    runs["adam_lr0.001"].info["lr"] = 0.001
+    runs["adam_lr0.01"].info["lr"] = 0.01
+    for name in ("adam_lr0.01", "adam_lr0.001"):
+        runs[name].info["method"] = "adam_j1"
     rows = [
         {"method": "pnp_hvae", "lr": None, "iterations_to_tol": 5, "j1_final": 10.0, "psnr_final": 25.0,
          "lk_max_late": 0.6},
         {"method": "adam", "lr": 0.01, "iterations_to_tol": None, "j1_final": 8.0, "psnr_final": 24.0,
          "lk_max_late": 1.4},
+        {"method": "adam", "lr": 0.001, "iterations_to_tol": 40, "j1_final": 9.0, "psnr_final": 23.0,
+         "lk_max_late": 0.7},
     ]  # fmt: skip
-    c = pa.convergence_claims(rows, runs)
+    c = pa.convergence_claims(rows, runs, late_fraction=1.0)
     assert c["pnp_fewer_iterations"] and c["adam_lower_j1"] and c["adam_worse_image"]
-    assert c["pnp_stable"] and c["adam_lk_oscillates"]
+    assert c["pnp_stable"] and c["adam_lk_oscillates"] and c["adam_oscillation_grows_with_lr"]
+    assert c["lk_variation_late"]["adam_lr0.01"] == pytest.approx((1.0 + 1.2 + 1.1) / 3)
     assert c["psnr_gain_over_best_adam"] == pytest.approx(1.0)
+    rows[0]["iterations_to_tol"] = None  # PnP-HVAE not settled: it no longer needs fewer iterations
+    runs["adam_lr0.01"] = run([0.5, 0.6, 0.5, 0.6])  # now less variable than lr 0.001
+    runs["adam_lr0.01"].info.update(lr=0.01, method="adam_j1")
+    c = pa.convergence_claims(rows, runs, late_fraction=1.0)
+    assert not c["pnp_fewer_iterations"] and not c["adam_oscillation_grows_with_lr"]
 
 
 # ---- Fig. 7: temperature ------------------------------------------------------------------------------
