@@ -205,7 +205,7 @@ def test_convergence_rows_have_exactly_the_keys_and_name_each_method(hvae):
     for r in rows:
         assert math.isfinite(r["j1_final"]) and math.isfinite(r["psnr_final"])
     claims = pa.convergence_claims(rows, runs)
-    assert set(claims["lk_std_late"]) == set(claims["lk_variation_late"]) == set(runs)
+    assert set(claims["lk_std_late"]) == set(claims["lk_oscillation_late"]) == set(runs)
     assert isinstance(pa.describe_convergence(claims, rows), str)
 
 
@@ -233,7 +233,8 @@ def test_convergence_claims_follow_the_rows():
     c = pa.convergence_claims(rows, runs, late_fraction=1.0)
     assert c["pnp_fewer_iterations"] and c["adam_lower_j1"] and c["adam_worse_image"]
     assert c["pnp_stable"] and c["adam_lk_oscillates"] and c["adam_oscillation_grows_with_lr"]
-    assert c["lk_variation_late"]["adam_lr0.01"] == pytest.approx((1.0 + 1.2 + 1.1) / 3)
+    assert c["lk_oscillation_late"]["adam_lr0.01"] == pytest.approx((1.0 + 1.2 + 1.1 - 0.9) / 3)
+    assert c["lk_oscillation_late"]["pnp_hvae"] == pytest.approx(0.0)  # monotone: no oscillation
     assert c["psnr_gain_over_best_adam"] == pytest.approx(1.0)
     rows[0]["iterations_to_tol"] = None  # PnP-HVAE not settled: it no longer needs fewer iterations
     runs["adam_lr0.01"] = run([0.5, 0.6, 0.5, 0.6])  # now less variable than lr 0.001
