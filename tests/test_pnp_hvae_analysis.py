@@ -207,6 +207,8 @@ def test_convergence_rows_have_exactly_the_keys_and_name_each_method(hvae):
     claims = pa.convergence_claims(rows, runs)
     assert set(claims["lk_std_late"]) == set(claims["lk_oscillation_late"]) == set(runs)
     assert isinstance(pa.describe_convergence(claims, rows), str)
+    table = pa.convergence_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| pnp_hvae | - |")
 
 
 def test_convergence_claims_follow_the_rows():
