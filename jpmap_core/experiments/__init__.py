@@ -8,4 +8,6 @@ figure layouts). Notebooks import from here; the core (``jpmap_core.*`` outside 
 * :mod:`~jpmap_core.experiments.faces` -- JPMAP Fig. 8 (notebook 07): CelebA and FFHQ faces
 * :mod:`~jpmap_core.experiments.posterior` -- VBLE and VBLE-xz against JPMAP (notebook 12): posterior samples,
   uncertainty maps, calibration
+* :mod:`~jpmap_core.experiments.pnp_hvae_analysis` -- PnP-HVAE Figs. 1, 2, 7 (notebooks 08, 09): Lipschitz ratios and
+  Jacobian norms of the HVAE reconstruction, Algorithm 2 against Adam, the temperature sweep
 """
