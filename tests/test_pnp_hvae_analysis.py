@@ -21,7 +21,9 @@ def hvae() -> HVAE:
     """A tiny HVAE (stride 2) whose reconstruction depends on its input (prior nets and output scaled up)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        m = HVAE(image_shape=(3, 8, 8), widths=(4, 6), groups=(1, 2), latent_channels=(2, 3), gamma_init=0.1).eval()
+        m = HVAE(
+            image_shape=(3, 8, 8), widths=(4, 6), groups=(1, 2), latent_channels=(2, 3), enc_blocks=1, gamma_init=0.1
+        ).eval()
         with torch.no_grad():
             for g in m.decoder:
                 if g.prior is not None:
