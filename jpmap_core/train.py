@@ -200,14 +200,7 @@ def train_flow(
     start_epoch = 0
     if resume and _checkpoint_path(run_dir).exists():
         ck = _load_checkpoint(run_dir)
-        saved = json.loads(ck["config"])
-        mine = asdict(cfg)
-        diff = {k for k in mine if saved.get(k) != mine[k] and k not in TrainConfig.RESUMABLE_CHANGES}
-        if diff:
-            raise ValueError(
-                f"cannot resume {run_dir}: the checkpoint was trained with different "
-                + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in sorted(diff))
-            )
+        _check_same_recipe(run_dir, json.loads(ck["config"]), asdict(cfg))
         flow.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
@@ -660,14 +653,7 @@ def train(
     start_epoch = 0
     if resume and _checkpoint_path(run_dir).exists():
         ck = _load_checkpoint(run_dir)
-        saved = json.loads(ck["config"])
-        mine = asdict(cfg)
-        diff = {k for k in mine if saved.get(k) != mine[k] and k not in TrainConfig.RESUMABLE_CHANGES}
-        if diff:
-            raise ValueError(
-                f"cannot resume {run_dir}: the checkpoint was trained with different "
-                + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in sorted(diff))
-            )
+        _check_same_recipe(run_dir, json.loads(ck["config"]), asdict(cfg))
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
