@@ -8,7 +8,7 @@ ONLY    ?=
 SET     ?=
 PORT    ?= 8866
 
-.PHONY: setup test lint bench explorer clean-venv
+.PHONY: setup test lint bench explorer clean-venv test-gpu paper-references gpu-session
 
 # Idempotent: the venv is rebuilt only when pyproject.toml changes (stamp file).
 setup: $(VENV)/.installed
@@ -27,6 +27,21 @@ reproduce: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The paper profile on a GPU as a regression test: runs the notebooks (ONLY=05,06,07 for some) with DEVICE=cuda
+# into runs/test-gpu/ and checks each one's metrics against tests/reference/paper/NN_topic.json (derived from the
+# committed figures/paper/ runs by `make paper-references`). Without a CUDA device it says so and exits 3.
+test-gpu: setup
+	$(PY) -m jpmap_core.reproduce --profile paper --device cuda --out runs/test-gpu --check-references tests/reference/paper \
+		$(if $(ONLY),--only $(ONLY)) $(foreach s,$(SET),--set $(s))
+
+# tests/reference/paper/*.json from the committed figures/paper/*/metrics.json (after a new paper-size run).
+paper-references: setup
+	$(PY) -c "from jpmap_core.reproduce import write_paper_references as w; print(*w('figures/paper', 'tests/reference/paper'), sep='\n')"
+
+# One prepared GPU session (benchmarks/gpu_session.sh): solver and merge benchmarks on cuda, then test-gpu.
+gpu-session: setup
+	bash benchmarks/gpu_session.sh
 
 lint: setup
 	$(VENV)/bin/ruff check jpmap_core tests benchmarks

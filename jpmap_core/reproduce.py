@@ -504,11 +504,8 @@ def run_notebooks(
     nb_dir = Path(notebooks_dir).resolve() if notebooks_dir is not None else default_notebooks_dir()
     notebooks, params = _plan(profile, only, nb_dir)
     applied = _apply_overrides(notebooks, overrides or {})
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ReproduceError("--device cuda, but torch.cuda.is_available() is False in this environment")
+    if device == "cuda" and (problem := cuda_unavailable()):
+        raise ReproduceError(f"--device cuda, but {problem}; nothing was run (make test-gpu needs a GPU)")
     out_path = Path(out) if out is not None else nb_dir.parent / "figures" / profile
     out_path = out_path.resolve()
     out_path.mkdir(parents=True, exist_ok=True)
@@ -735,6 +732,131 @@ def check_metrics(metrics: Mapping[str, Any], checks: Sequence[Mapping[str, Any]
     return failures
 
 
+def check_against_references(results: Sequence[Result], references: str | os.PathLike) -> tuple[str, int]:
+    """Check each finished notebook's metrics against ``references/NN_topic.json`` (``make test-gpu``, with the
+    paper-size references of ``tests/reference/paper/``). Returns a report (one line per notebook, then one per
+    failed check) and the number of notebooks that failed their checks. A notebook without a reference file is
+    reported as not checked; a skipped or failed notebook is reported by the runner, not here."""
+    lines, bad = [f"reference checks ({shown_path(references, Path.cwd())}):"], 0
+    for result in results:
+        stem = Path(result.notebook).stem
+        path = Path(references) / f"{stem}.json"
+        if result.status != "ok":
+            lines.append(f"  {stem}: {result.status}, not checked")
+            continue
+        if not path.is_file():
+            lines.append(f"  {stem}: not checked (no {path.name} in {shown_path(references, Path.cwd())})")
+            continue
+        checks = json.loads(path.read_text(encoding="utf-8"))["checks"]
+        failures = check_metrics(result.metrics or {}, checks)
+        if failures:
+            bad += 1
+            lines.append(f"  {stem}: {len(failures)} of {len(checks)} checks FAILED")
+            lines.extend(f"    - {f}" for f in failures)
+        else:
+            lines.append(f"  {stem}: {len(checks)} checks passed")
+    return "\n".join(lines), bad
+
+
+PAPER_TOLERANCE_DB = 0.3  # smallest PSNR drop allowed by a paper-size reference (float and device noise)
+PAPER_TOLERANCE_SE = 3.0  # ... or this many standard errors of the committed mean, whichever is larger
+_ROW_IDENTITY = ("figure", "problem", "task", "dataset", "level", "sigma_dvae", "method")
+
+
+def _psnr_tolerance(mean_se: float | None, q25: float | None, q75: float | None, n: int | None) -> tuple[float, str]:
+    """``max(PAPER_TOLERANCE_DB, PAPER_TOLERANCE_SE * se)`` with ``se`` the committed standard error, or the one a
+    normal law gives from the quartiles (``IQR / 1.349 / sqrt(n)``) where only those are recorded."""
+    if mean_se is None and None not in (q25, q75, n) and n:
+        mean_se, how = (q75 - q25) / 1.349 / n**0.5, "SE from the quartiles"
+    else:
+        how = "SE"
+    if mean_se is None or not mean_se == mean_se:
+        return PAPER_TOLERANCE_DB, f"{PAPER_TOLERANCE_DB} dB"
+    tol = max(PAPER_TOLERANCE_DB, PAPER_TOLERANCE_SE * mean_se)
+    return tol, f"max({PAPER_TOLERANCE_DB} dB, {PAPER_TOLERANCE_SE:g} x {how} {mean_se:.3f})"
+
+
+def derive_paper_checks(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Regression checks for a GPU (or any) rerun of the ``paper`` profile, derived by a fixed rule from a committed
+    paper-size ``metrics.json`` (``make paper-references`` writes them to ``tests/reference/paper/``):
+
+    * the run is the paper's size: ``profile == "paper"`` and the same ``n_images``;
+    * every ``table`` row that has a ``psnr_mean`` keeps its identity (problem, level, method, ...: the same row
+      order) and its mean PSNR does not drop by more than :func:`_psnr_tolerance` (one-sided: better is fine);
+    * every top-level ``psnr_<name>_mean`` (with ``psnr_<name>_se``) likewise, and so does every
+      ``ffhq_psnr_<name>_mean``;
+    * every pooled win fraction ``jpmap_win_fraction_pooled.*`` does not drop by more than 0.05.
+
+    The committed run was on the CPU; a rerun elsewhere follows other float paths and, for nonconvex solvers, can
+    end in other local minima on some images, which moves a mean by a fraction of its standard error.
+    """
+    src = f"committed paper run ({metrics.get('device', '?')}, {metrics.get('n_images', '?')} images)"
+    checks: list[dict[str, Any]] = [
+        {"key": "profile", "op": "==", "value": "paper", "why": "make test-gpu runs the paper profile"},
+        {"key": "n_images", "op": "==", "value": metrics.get("n_images"), "why": f"the same size as the {src}"},
+    ]
+    for i, row in enumerate(metrics.get("table") or []):
+        if not isinstance(row, Mapping) or not isinstance(row.get("psnr_mean"), int | float):
+            continue
+        ident = {k: row[k] for k in _ROW_IDENTITY if k in row}
+        label = ", ".join(f"{k} {v}" for k, v in ident.items())
+        for k, v in ident.items():
+            checks.append({"key": f"table.{i}.{k}", "op": "==", "value": v, "why": f"row {i} is still {label}"})
+        tol, how = _psnr_tolerance(row.get("psnr_se"), row.get("psnr_q25"), row.get("psnr_q75"), row.get("n_images"))
+        checks.append({
+            "key": f"table.{i}.psnr_mean", "op": ">=", "value": round(row["psnr_mean"] - tol, 3),
+            "why": f"{label}: {row['psnr_mean']:.2f} dB in the {src}; a regression is a drop of more than {how}",
+        })  # fmt: skip
+    for key, value in metrics.items():
+        m = re.fullmatch(r"((?:ffhq_)?psnr_\w+?)_mean", key)
+        if m and isinstance(value, int | float):
+            tol, how = _psnr_tolerance(metrics.get(f"{m.group(1)}_se"), None, None, None)
+            checks.append({
+                "key": key, "op": ">=", "value": round(value - tol, 3),
+                "why": f"{value:.2f} dB in the {src}; a regression is a drop of more than {how}",
+            })  # fmt: skip
+    for name, value in (metrics.get("jpmap_win_fraction_pooled") or {}).items():
+        checks.append({
+            "key": f"jpmap_win_fraction_pooled.{name}", "op": ">=", "value": round(value - 0.05, 3),
+            "why": f"JPMAP beat CSGM on {value:.1%} of the ({name}) images in the {src}; a drop of more than 5 points "
+            "is a regression",
+        })  # fmt: skip
+    return checks
+
+
+def write_paper_references(figures: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+    """``tests/reference/paper/NN_topic.json`` from every committed ``figures/paper/NN_topic/metrics.json``
+    (:func:`derive_paper_checks`); returns the files written."""
+    written = []
+    for metrics_path in sorted(Path(figures).glob("[0-9][0-9]_*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        stem = metrics_path.parent.name
+        doc = {
+            "source": f"figures/paper/{stem}/metrics.json (created {metrics.get('created', '?')})",
+            "rule": "jpmap_core.reproduce.derive_paper_checks; regenerate with `make paper-references`",
+            "checks": derive_paper_checks(metrics),
+        }
+        path = Path(out) / f"{stem}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def cuda_unavailable() -> str | None:
+    """Why ``--device cuda`` cannot run here (``None`` when a CUDA device is visible to torch)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = torch.version.cuda
+    return (
+        f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False"
+        + (f"; this torch is built for CUDA {build}" if build else "; this torch is a CPU-only build")
+        + ")"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
@@ -753,7 +875,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", action="append", metavar="NAME=VALUE",
         help="override a parameter of the notebooks that have it, e.g. --set WORKERS=4 (repeatable; recorded)",
     )  # fmt: skip
+    parser.add_argument(
+        "--check-references", type=Path, metavar="DIR",
+        help="check each notebook's metrics against DIR/NN_topic.json (make test-gpu: tests/reference/paper); "
+        "a failed check makes the exit status 1",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.check_references is not None and not args.check_references.is_dir():
+        print(f"error: --check-references {args.check_references}: no such folder", file=sys.stderr)
+        return 2
     try:
         results = run_notebooks(
             args.profile,
@@ -775,7 +905,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_problem(result))
     out = Path(results[0].out_dir).parent if results else None
     print(f"results and summary.json in {out}")
-    return 1 if any(r.status == "failed" for r in results) else 0
+    regressions = 0
+    if args.check_references is not None:
+        report, regressions = check_against_references(results, args.check_references)
+        print(report)
+    return 1 if regressions or any(r.status == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":

