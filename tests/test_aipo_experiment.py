@@ -172,3 +172,5 @@ def test_latent_comparison_scores_the_three_methods_on_csgms_energy():
     budget = int(lr.evals["aipo_latent"].max())
     assert bool((lr.evals["csgm"] <= budget).all()) and bool((lr.evals["csgm"] > 0).all())
     assert all(math.isfinite(r["energy_mean"]) and math.isfinite(r["psnr_mean"]) for r in rows)
+    text = ex.latent_markdown(rows)
+    assert text.count("| cs20 |") == 3 and text.count("**") == 2
