@@ -771,7 +771,9 @@ def aipo_baseline(
         p = next(prior.parameters()) if hasattr(prior, "parameters") else like
         shape = (B, *prior.latent_shape)
         if init == "random":
-            z0 = torch.randn(shape, generator=generator, device=p.device, dtype=p.dtype).to(like)
+            # drawn on the generator's device (a CPU generator gives the same z0 for a model on a GPU)
+            dev = generator.device if generator is not None else p.device
+            z0 = torch.randn(shape, generator=generator, device=dev, dtype=p.dtype).to(like)
         else:
             z0 = torch.zeros(shape, dtype=like.dtype, device=like.device)
         with torch.no_grad():
