@@ -174,3 +174,13 @@ def test_latent_comparison_scores_the_three_methods_on_csgms_energy():
     assert all(math.isfinite(r["energy_mean"]) and math.isfinite(r["psnr_mean"]) for r in rows)
     text = ex.latent_markdown(rows)
     assert text.count("| cs20 |") == 3 and text.count("**") == 2
+
+
+def test_paper_tasks_are_the_papers_scaled_to_32x32():
+    """§4.2-4.4: noise std 0.1 (25.5 on the 0-255 scale), m about 16% and 33% of n = 3072 (the paper's 2000 and
+    4000 of 12,288), 25% missing 4x4 blocks with noise std 0.02 (5.1)."""
+    t = ex.PAPER_TASKS
+    assert t["denoising"].sigma == t["cs500"].sigma == t["cs1000"].sigma == 25.5 and t["inpainting"].sigma == 5.1
+    assert abs(t["cs500"].level / 3072 - 2000 / 12288) < 0.01 and abs(t["cs1000"].level / 3072 - 4000 / 12288) < 0.01
+    assert (t["inpainting"].level, t["inpainting"].block) == (0.25, 4)
+    assert [k for k in t] == [v.key for v in t.values()]
