@@ -282,6 +282,26 @@ class Denoising(LinearOperator):
         return (z + gamma * y) / (1 + gamma)
 
 
+def _block_observed(
+    batch: int, h: int, w: int, block: object, missing: float, generator: torch.Generator | None
+) -> Tensor:
+    """``(batch, 1, h, w)`` bool, False on exactly ``round(missing * n)`` of the ``n`` blocks ``block x block`` of a
+    regular grid in each image (a random permutation of the blocks per image, from ``generator``)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block (side of the missing square blocks, in pixels) must be an integer >= 1, got {block!r}")
+    if h % block or w % block:
+        raise ValueError(
+            f"block = {block} must divide the image's height and width, got {h}x{w} (the blocks tile a regular grid)"
+        )
+    gh, gw = h // block, w // block
+    n_missing = round(missing * gh * gw)
+    order = torch.rand(batch, gh * gw, generator=generator).argsort(dim=1)  # a uniform permutation per image
+    observed = torch.ones(batch, gh * gw, dtype=torch.bool)
+    observed.scatter_(1, order[:, :n_missing], False)
+    grid = observed.view(batch, 1, gh, gw)
+    return grid.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
+
+
 class Inpainting(LinearOperator):
     """``y = M x + n`` with a binary mask ``M`` (1 = observed), JPMAP §3.4 'missing pixels'.
 
@@ -289,7 +309,11 @@ class Inpainting(LinearOperator):
     image; then ``x`` must have batch size ``B``), with values exactly 0 or 1 (or a bool tensor); or give
     ``image_shape`` and ``missing`` in [0, 1) to draw ``batch_size`` random masks from ``generator``: each
     pixel is missing independently with probability ``missing`` (as in the official JPMAP code), and the
-    whole pixel is dropped (the same mask in every channel).
+    whole pixel is dropped (the same mask in every channel). With ``block=b``, the image is tiled by the ``b x b``
+    blocks of a regular grid (``b`` must divide ``H`` and ``W``) and exactly ``round(missing * n_blocks)`` of its
+    ``n_blocks = (H/b)(W/b)`` blocks are missing in every image, chosen uniformly without replacement and
+    independently per image: AIPO §4.4's "randomly mask several 4x4 pixel blocks such that in total the masked
+    portion is 25%" is ``missing=0.25, block=4``.
 
     :meth:`degrade` adds noise to every entry of ``M x`` (as the official JPMAP code; ``deepinv`` adds it to
     the observed entries only): the noise on missing entries never reaches an estimate, since ``A^T y = M y``.
@@ -303,10 +327,13 @@ class Inpainting(LinearOperator):
         missing: float | None = None,
         batch_size: int = 1,
         generator: torch.Generator | None = None,
+        block: int | None = None,
     ):
         if mask is not None:
-            if missing is not None:
-                raise ValueError("give either mask or missing (the fraction of missing pixels of a random mask)")
+            if missing is not None or block is not None:
+                raise ValueError(
+                    "give either mask or missing (the fraction of missing pixels of a random mask, with its block size)"
+                )
             if isinstance(mask, Tensor) and mask.dtype == torch.bool:
                 mask = mask.float()
             mask = check_tensor4d(mask, "mask")
@@ -328,7 +355,10 @@ class Inpainting(LinearOperator):
             if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             c, h, w = self.image_shape
-            observed = torch.rand(int(batch_size), 1, h, w, generator=generator) >= p
+            if block is None:
+                observed = torch.rand(int(batch_size), 1, h, w, generator=generator) >= p
+            else:
+                observed = _block_observed(int(batch_size), h, w, block, p, generator)
             mask = observed.float().expand(-1, c, -1, -1).contiguous()
         self.mask = mask
 
@@ -867,12 +897,15 @@ def make_problem(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     kernel: Tensor | None = None,
+    block: int | None = None,
 ) -> Problem:
     """Degrade the clean images ``x`` ``(B, C, H, W)``: build the operator of problem ``name`` and draw ``y``.
 
     ``sigma``: noise std >= 0 on the 0-255 scale; ``level``: see :data:`LEVEL_MEANING` (inpainting: missing fraction,
     one random mask per image as the official code; compressed sensing: ``m``, ``A`` with i.i.d. ``N(0, 1/m)``
-    entries; super-resolution: the factor); ``kernel``: the 2D kernel of ``blur`` and ``super_resolution``.
+    entries; super-resolution: the factor); ``kernel``: the 2D kernel of ``blur`` and ``super_resolution``;
+    ``block``: inpainting only, missing square blocks of this side instead of missing pixels (:class:`Inpainting`;
+    AIPO §4.4 uses ``level=0.25, block=4``).
     The random draws come from ``generator``, or from a new one seeded with ``seed`` (exactly one of them), in
     this order: the operator (mask or matrix), then the noise. A caller that passes one generator to several calls
     gets the draws one after the other, so a whole set of problems follows from one seed.
@@ -887,10 +920,12 @@ def make_problem(
         raise ValueError(f"{name} needs a 2D kernel (e.g. jpmap_core.data.load_kernels())")
     if name not in ("blur", "super_resolution") and kernel is not None:
         raise ValueError(f"{name} takes no kernel")
+    if name != "inpainting" and block is not None:
+        raise ValueError(f"block (the side of missing square blocks) is an inpainting option; {name} takes none")
     if name == "denoising":
         op: LinearOperator = Denoising(shape)
     elif name == "inpainting":
-        op = Inpainting(image_shape=shape, missing=float(level), batch_size=x.shape[0], generator=g)
+        op = Inpainting(image_shape=shape, missing=float(level), batch_size=x.shape[0], generator=g, block=block)
     elif name == "compressed_sensing":
         op = CompressedSensing(int(level), shape, generator=g)
     elif name == "blur":

@@ -10,7 +10,7 @@ import torch
 from jpmap_core.models import MLPVAE, Glow, RealNVP
 from jpmap_core.operators import make_problem
 from jpmap_core.solvers import aipo, aipo_baseline, mle_start
-from jpmap_core.solvers.aipo import lambda_update, map_loss, project_affine
+from jpmap_core.solvers.aipo import aipo_latent, lambda_update, latent_energy, map_loss, project_affine
 
 SHAPE = (1, 8, 8)
 FAST = {"K": 3, "n_mle": 10}
@@ -225,3 +225,99 @@ def test_bad_inputs_raise_clear_errors(flow):
         aipo_baseline(p.y, p.op, flow, sigma=p.sigma, init="mle", budget=100)
     with pytest.raises(ValueError, match="budget"):
         aipo_baseline(p.y, p.op, flow, sigma=p.sigma, budget=torch.tensor([1, 2]))
+
+
+# ---- Algorithm 2 on CSGM's latent problem (aipo_latent) --------------------------------------------
+LATENT_FAST = {"K": 3, "n_mle": 10, "alpha": 0.05}
+
+
+@pytest.fixture(scope="module")
+def vae():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MLPVAE(image_shape=SHAPE, latent_dim=3, hidden=(16,), gamma_init=0.1).double().eval()
+
+
+def test_latent_schedule_starts_at_zero_is_nondecreasing_and_ends_at_each_lambda(vae):
+    p = _problem("compressed_sensing")
+    targets = torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64)
+    r = aipo_latent(p.y, p.op, vae, sigma=p.sigma, lam=targets, **LATENT_FAST)
+    lam = r.history["lambda"]
+    for b in range(3):
+        col = lam[:, b][~torch.isnan(lam[:, b])]
+        assert float(col[0]) == 0.0
+        assert bool((col[1:] >= col[:-1]).all()), f"image {b}: lambda decreased: {col.tolist()}"
+        assert float(col[-1]) == float(targets[b])
+    torch.testing.assert_close(r.per_image["lambda"], targets, rtol=0, atol=0)
+    assert bool(r.converged.all())
+
+
+def test_latent_gradient_evaluations_are_the_start_plus_every_rounds_k(vae):
+    """K_i = round(K 1.1^i) inner steps in round i, after n_mle steps of the lambda = 0 fit; the history's last
+    grad_evals of each image is its total."""
+    p = _problem("inpainting")
+    r = aipo_latent(p.y, p.op, vae, sigma=p.sigma, lam=torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64),
+                    **LATENT_FAST)  # fmt: skip
+    for b in range(3):
+        n = int(r.per_image["rounds"][b])
+        expected = 10 + sum(max(1, round(3 * 1.1**i)) for i in range(n))
+        assert int(r.per_image["grad_evals"][b]) == expected
+        col = r.history["grad_evals"][:, b]
+        assert int(col[col >= 0][-1]) == expected
+    assert r.info["mle_steps"] == 10 and r.info["method"] == "aipo_latent"
+
+
+def test_latent_objective_is_csgms_energy_at_lambda_and_x_is_the_decoded_code(vae):
+    """E(z; Lambda) = ||A G(z) - y||^2 + Lambda ||z||^2 (JPMAP eq. 1.3); default Lambda = sigma^2 (CSGM's)."""
+    p = _problem("compressed_sensing", sigma=25.5)
+    r = aipo_latent(p.y, p.op, vae, sigma=p.sigma, **LATENT_FAST)
+    lam = (25.5 / 255) ** 2
+    torch.testing.assert_close(r.per_image["lambda"], torch.full((3,), lam, dtype=torch.float64))
+    energy = (p.op.A(vae.decode(r.z)) - p.y).flatten(1).pow(2).sum(1) + lam * r.z.pow(2).sum(1)
+    torch.testing.assert_close(r.per_image["objective"], energy)
+    torch.testing.assert_close(latent_energy(r.z, p.y, p.op, vae, lam), energy)
+    torch.testing.assert_close(r.x, vae.decode(r.z))
+    start = latent_energy(r.per_image["z_mle"], p.y, p.op, vae, lam)
+    zero = latent_energy(torch.zeros_like(r.z), p.y, p.op, vae, lam)
+    assert bool((start < zero).all()), "the lambda = 0 fit lowers the data term from z = 0"
+
+
+def test_latent_starts_zero_encoder_and_given(vae):
+    p = _problem("inpainting")
+    none = dict(LATENT_FAST, n_mle=0, K=1, max_rounds=1)
+    r = aipo_latent(p.y, p.op, vae, sigma=p.sigma, z_init="zero", **none)
+    assert bool((r.per_image["z_mle"] == 0).all())
+    r = aipo_latent(p.y, p.op, vae, sigma=p.sigma, z_init="encoder", **none)
+    torch.testing.assert_close(r.per_image["z_mle"], vae.encode(p.op.A_adjoint(p.y).clamp(0, 1))[0])
+    z0 = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = aipo_latent(p.y, p.op, vae, sigma=p.sigma, z_init=z0, **none)
+    torch.testing.assert_close(r.per_image["z_mle"], z0)
+
+
+def test_latent_batched_equals_per_image(vae):
+    p = _problem("inpainting")
+    targets = torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64)
+    both = aipo_latent(p.y, p.op, vae, sigma=p.sigma, lam=targets, z_init="encoder", **LATENT_FAST)
+    for b in range(3):
+        rows = torch.tensor([b])
+        one = aipo_latent(p.y[rows], p.op.rows(rows), vae, sigma=p.sigma, lam=float(targets[b]), z_init="encoder",
+                          **LATENT_FAST)  # fmt: skip
+        torch.testing.assert_close(both.z[rows], one.z, rtol=1e-9, atol=1e-9)
+        assert int(both.per_image["grad_evals"][b]) == int(one.per_image["grad_evals"][0])
+
+
+def test_latent_bad_inputs_raise_clear_errors(vae):
+    p = _problem("inpainting")
+    with pytest.raises(ValueError, match="z_init must be one of 'zero', 'encoder'"):
+        aipo_latent(p.y, p.op, vae, sigma=p.sigma, z_init="random")
+    with pytest.raises(ValueError, match=r"z_init must be a finite \(B, \*latent_shape\) = \(3, 3\) tensor"):
+        aipo_latent(p.y, p.op, vae, sigma=p.sigma, z_init=torch.zeros(3, 4, dtype=torch.float64))
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="lam"):
+            aipo_latent(p.y, p.op, vae, sigma=p.sigma, lam=bad)
+    with pytest.raises(ValueError, match="n_mle"):
+        aipo_latent(p.y, p.op, vae, sigma=p.sigma, n_mle=-1)
+    with pytest.raises(ValueError, match="K"):
+        aipo_latent(p.y, p.op, vae, sigma=p.sigma, K=0)
+    with pytest.raises(ValueError, match="sigma"):
+        aipo_latent(p.y, p.op, vae, sigma=0.0)

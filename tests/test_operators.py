@@ -285,6 +285,41 @@ def test_random_inpainting_mask_drops_whole_pixels_at_the_missing_rate():
     assert bool((Inpainting(image_shape=(1, 4, 4), missing=0.0).mask == 1).all())
 
 
+def test_block_inpainting_masks_exactly_the_fraction_in_whole_grid_aligned_blocks():
+    """AIPO §4.4: random 4x4 blocks such that in total the masked portion is 25%."""
+    op = Inpainting(image_shape=(3, 32, 32), missing=0.25, batch_size=5, generator=gen(0), block=4)
+    m = op.mask
+    assert tuple(m.shape) == (5, 3, 32, 32) and bool((m == m[:, :1]).all())
+    assert torch.equal(1 - m[:, 0].flatten(1).mean(1), torch.full((5,), 0.25)), "exactly 16 of the 64 blocks"
+    blocks = m[:, 0].unfold(1, 4, 4).unfold(2, 4, 4)  # (B, 8, 8, 4, 4): the grid's blocks
+    assert bool((blocks == blocks[..., :1, :1]).all()), "every grid block is wholly observed or wholly missing"
+    assert len({tuple(mi.flatten().tolist()) for mi in m[:, 0]}) == 5, "one mask per image"
+    same = Inpainting(image_shape=(3, 32, 32), missing=0.25, batch_size=5, generator=gen(0), block=4)
+    assert torch.equal(m, same.mask)
+    pixels = Inpainting(image_shape=(3, 32, 32), missing=0.25, batch_size=5, generator=gen(0))
+    assert torch.equal(Inpainting(image_shape=(3, 32, 32), missing=0.25, batch_size=5, generator=gen(0),
+                                  block=None).mask, pixels.mask)  # fmt: skip
+    one = Inpainting(image_shape=(1, 8, 8), missing=0.5, batch_size=2, generator=gen(1), block=1)
+    assert torch.equal(1 - one.mask.flatten(1).mean(1), torch.full((2,), 0.5))
+
+
+def test_block_inpainting_through_make_problem_and_its_errors():
+    from jpmap_core.operators import make_problem
+
+    x = torch.rand(2, 3, 32, 32, generator=gen(0))
+    p = make_problem("inpainting", x, sigma=5.1, level=0.25, seed=0, block=4)
+    assert torch.equal(1 - p.op.mask[:, 0].flatten(1).mean(1), torch.full((2,), 0.25))
+    with pytest.raises(ValueError, match="must divide the image's height and width, got 32x32"):
+        make_problem("inpainting", x, sigma=5.1, level=0.25, seed=0, block=5)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="block .* must be an integer >= 1"):
+            Inpainting(image_shape=(3, 32, 32), missing=0.25, block=bad)
+    with pytest.raises(ValueError, match="inpainting option; denoising takes none"):
+        make_problem("denoising", x, sigma=5.1, seed=0, block=4)
+    with pytest.raises(ValueError, match="give either mask or missing"):
+        Inpainting(torch.ones(1, 3, 32, 32), block=4)
+
+
 def test_shared_inpainting_mask_applies_to_every_image_of_any_batch():
     op = Inpainting(image_shape=(1, 6, 6), missing=0.5, generator=gen(0))
     x = torch.rand(5, 1, 6, 6, generator=gen(1))

@@ -29,8 +29,9 @@ TINY = {
     "adam_j1": {"max_iters": 10, "patience": 1},
     "aipo": {"K": 2, "n_mle": 3, "max_rounds": 3},
     "aipo_baseline": {"budget": 8, "n_mle": 3},
+    "aipo_latent": {"K": 2, "n_mle": 3, "max_rounds": 3},
 }
-#: solvers that need another prior than the flat MLP VAE
+#: solvers that need another prior than the flat MLP VAE (aipo_latent takes the VAE, its latent problem is CSGM's)
 PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae", "aipo": "flow", "aipo_baseline": "flow"}
 #: variants of a registered solver run through the same contract: name -> (registered name, options)
 VARIANTS = {

@@ -33,7 +33,8 @@ The JPMAP-family solvers (``csgm``, ``jpmap``, ``mapz_splitting``) also accept a
 
 * ``"aipo"`` -- :func:`aipo`, AIPO Algorithm 2 (amortized continuation in lambda from the MLE start, flow priors);
   ``"aipo_baseline"`` -- :func:`aipo_baseline`, its fixed-lambda baselines (MLE, random and zero starts, equal
-  budget)
+  budget); ``"aipo_latent"`` -- :func:`aipo_latent`, Algorithm 2's schedule on CSGM's latent energy
+  ``||A G(z) - y||^2 + lambda ||z||^2`` (our extension to the VAE priors)
 
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
@@ -49,7 +50,7 @@ from typing import Any
 from torch import Tensor
 
 from ._common import AdamPool, Restoration, adam_minimize
-from .aipo import aipo, aipo_baseline, mle_start
+from .aipo import aipo, aipo_baseline, aipo_latent, mle_start
 from .csgm import csgm
 from .jpmap import jpmap
 from .pnp_hvae import adam_j1, pnp_hvae
@@ -62,7 +63,7 @@ Solver = Callable[..., Restoration]
 SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": mapz_splitting}
 SOLVERS.update(vble=vble, vble_xz=vble_xz)
 SOLVERS.update(pnp_hvae=pnp_hvae, adam_j1=adam_j1)
-SOLVERS.update(aipo=aipo, aipo_baseline=aipo_baseline)
+SOLVERS.update(aipo=aipo, aipo_baseline=aipo_baseline, aipo_latent=aipo_latent)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -75,4 +76,4 @@ def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options:
 __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csgm", "jpmap", "mapz_splitting", "solve"]
 __all__ += ["posterior_samples", "vble", "vble_xz"]
 __all__ += ["adam_j1", "pnp_hvae"]
-__all__ += ["aipo", "aipo_baseline", "mle_start"]
+__all__ += ["aipo", "aipo_baseline", "aipo_latent", "mle_start"]
