@@ -230,6 +230,10 @@ class _CAEAtSize:
     """The :class:`~jpmap_core.models.Prior` methods of a :class:`CAEHyperprior` for images ``image_shape``."""
 
     image_shape: tuple[int, int, int]
+    #: VBLE's latent family for this prior (slides, "[Appendice] CAE expressed in the VAE framework")
+    default_posterior = "uniform"
+    #: ``neg_log_prior`` is the exact negative log density (the rate in nats), nothing dropped
+    neg_log_prior_is_normalised = True
 
     @property
     def _net(self) -> CAEHyperprior:
