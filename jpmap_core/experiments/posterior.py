@@ -709,7 +709,7 @@ def posterior_figure(runs: Sequence[TaskRun], index: int = 0, *, title: str | No
         axes[0, j].annotate(label, (0.5, 1.32), xycoords="axes fraction", ha="center", va="bottom", fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.3)
     if title:
-        fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / nrow)
+        fig.suptitle(title, fontsize=10, y=1.0 + (0.25 if nrow > 2 else 0.45) / nrow)  # above the column titles
     return fig
 
 
