@@ -4,6 +4,7 @@ relaxation, the Prior interface (packed y and z, any size) and its training loop
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -308,3 +309,26 @@ def test_cli_rejects_cae_options_for_other_archs(capsys):
     with pytest.raises(SystemExit):
         main(["--name", "x", "--dataset", "bsd_patches", "--arch", "hvae", "--lmbda", "0.01"])
     assert "--lmbda are options of --arch cae_hyperprior" in capsys.readouterr().err
+
+
+def test_cli_trains_and_exports_the_cae_on_bsd_patches(tmp_path):
+    from jpmap_core.data import DataNotFoundError, bsd_split, resolve_root
+    from jpmap_core.pretrained import load_pretrained
+
+    try:
+        train_names, test_names = bsd_split()
+    except DataNotFoundError as e:
+        pytest.skip("needs the CBSD68 images: " + " ".join(str(e).split()))
+    rc = main(["--name", "cli_cae", "--dataset", "bsd_patches", "--arch", "cae_hyperprior", "--channels", "4,6",
+               "--lmbda", "0.01", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--n-test", "4",
+               "--data-root", str(resolve_root()), "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "w"),
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    e = json.loads((tmp_path / "w" / "manifest.json").read_text())["cli_cae"]
+    assert e["model"] == {"arch": "cae_hyperprior", "image_shape": [3, 64, 64], "N": 4, "M": 6, "lmbda": 0.01}
+    assert e["data"]["train_images"] == train_names and e["data"]["test_images"] == test_names
+    assert e["steps"] == 2 and e["recipe"]["optimizer"] == "Adam" and e["recipe"]["exported_weights"] == "EMA"
+    assert math.isfinite(e["final_test_bpp"]) and math.isfinite(e["final_test_psnr"]) and len(e["sha256"]) == 64
+    assert "--channels 4,6" in e["command"] and "--lmbda 0.01" in e["command"]
+    prior = load_pretrained("cli_cae", directory=str(tmp_path / "w"))
+    assert isinstance(prior, CAEHyperprior) and prior.lmbda == 0.01
