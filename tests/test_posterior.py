@@ -234,3 +234,28 @@ def test_markdown_table_and_the_reading_follow_the_numbers(runs):
     holds = "holds on every problem" in post.calibration_reading(v, claim_dataset="toy")
     assert holds == v["datasets"]["toy"]["xz_better_on_all"]
     assert "(autoencoder reconstruction 12.3 dB)" in post.calibration_reading(v, {"toy": 12.34})
+
+
+def test_the_cae_prior_runs_with_the_latent_map_and_the_uniform_posterior():
+    """The compressive autoencoder has no Gaussian encoder for JPMAP: its MAP row is the latent MAP (CSGM with the
+    rate as -log p(z)) from the encoder's code of A_dagger y, and VBLE uses the uniform posterior."""
+    from jpmap_core.models import CAEHyperprior
+    from jpmap_core.solvers import csgm
+
+    torch.manual_seed(0)
+    cae = CAEHyperprior(N=2, M=3, lmbda=0.01).eval().requires_grad_(False)
+    xb = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    task = post.Task("bsd", "blur", 7.65, None, torch.ones(3, 3) / 9, "box 3x3")
+    opts = dict(jpmap_options=dict(max_iters=5), vble_options=dict(max_iters=4), n_samples=6)
+    run = post.run_task(task, xb, cae, seed=0, map_method="csgm", **opts)
+    assert run.map_method == "csgm" and set(run.results) == set(post.METHODS)
+    assert run.results["vble"].restoration.info["posterior"] == "uniform"
+    p = run.problem
+    z0 = cae.encode(p.op.A_dagger(p.y).clamp(0, 1))[0]
+    direct = csgm(p.y, p.op, cae, sigma=p.sigma, z0=z0, max_iters=5)
+    torch.testing.assert_close(run.results["map"].x, direct.x.clamp(0, 1))
+    fig = post.posterior_figure([run], 0)
+    assert any("latent MAP" in t.get_text() for ax in fig.axes for t in ax.texts)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="unknown map_method"):
+        post.run_task(task, xb, cae, map_method="pnp", **opts)

@@ -1,8 +1,9 @@
 """The contract of :data:`jpmap_core.solvers.SOLVERS`, checked for every registered solver on a tiny prior.
 
 A solver added to the registry gets these tests for free; it only needs an entry in :data:`TINY` (options that
-keep it fast here), and the first test fails until it has one. Each solver is tested on the tiny prior it accepts
-(:data:`PRIOR_OF`: a flat MLP VAE unless listed). The tiny priors and problems are in float64, so that
+keep it fast here), and the first test fails until it has one. Each solver (or variant) is tested on the tiny prior
+it accepts (:data:`PRIOR_OF`: a flat MLP VAE unless listed), on images of that prior's size (8x8, or 64x64 for the
+compressive autoencoder, whose total stride is 64). The tiny priors and problems are in float64, so that
 "batched equals alone" is tested to 1e-9: in float32 a batched matrix product may round differently from a single
 row's, and Adam's normalised steps carry such differences along a descent.
 """
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from jpmap_core.models import HVAE, MLPVAE, Prior, RealNVP
+from jpmap_core.models import HVAE, MLPVAE, CAEHyperprior, Prior, RealNVP
 from jpmap_core.operators import make_problem
 from jpmap_core.solvers import SOLVERS, Restoration, solve
 
@@ -33,10 +34,14 @@ TINY = {
 }
 #: solvers that need another prior than the flat MLP VAE (aipo_latent takes the VAE, its latent problem is CSGM's)
 PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae", "aipo": "flow", "aipo_baseline": "flow"}
+PRIOR_OF.update({"vble[prior=cae]": "cae", "vble_xz[prior=cae]": "cae"})
 #: variants of a registered solver run through the same contract: name -> (registered name, options)
 VARIANTS = {
     "csgm[z_optimizer=lm]": ("csgm", dict(TINY["csgm"], z_optimizer="lm")),
     "jpmap[z_optimizer=lm]": ("jpmap", dict(TINY["jpmap"], z_optimizer="lm")),
+    # the compressive autoencoder prior: VBLE's uniform posterior (its default for this prior)
+    "vble[prior=cae]": ("vble", dict(TINY["vble"], max_iters=5)),
+    "vble_xz[prior=cae]": ("vble_xz", dict(TINY["vble_xz"], max_iters=5)),
 }
 CASES = sorted(SOLVERS) + sorted(VARIANTS)
 SHAPE = (1, 8, 8)
@@ -44,8 +49,9 @@ SHAPE = (1, 8, 8)
 
 @pytest.fixture(scope="module")
 def tiny_priors():
-    """A flat MLP VAE (3-dim latent), a hierarchical VAE (3 packed latent groups) and a RealNVP flow (image-shaped
-    latent, weights perturbed off the identity), float64."""
+    """A flat MLP VAE (3-dim latent), a hierarchical VAE (3 packed latent groups), a RealNVP flow (image-shaped
+    latent, weights perturbed off the identity) and a compressive autoencoder (64x64 images, packed y and z),
+    float64."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = MLPVAE(image_shape=SHAPE, latent_dim=3, hidden=(16,), gamma_init=0.1)
@@ -56,7 +62,9 @@ def tiny_priors():
         with torch.no_grad():
             for p in flow.parameters():
                 p.add_(0.05 * torch.randn_like(p))
+        cae = CAEHyperprior(image_shape=(3, 64, 64), N=2, M=3, lmbda=0.01)
     return {
+        "cae": cae.double().eval().requires_grad_(False),
         "vae": vae.double().eval().requires_grad_(False),
         "hvae": hvae.double().eval().requires_grad_(False),
         "flow": flow.eval().requires_grad_(False),
@@ -76,10 +84,19 @@ def prior(name, tiny_priors):
 
 
 @pytest.fixture(scope="module")
-def problem():
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(3, *SHAPE, generator=g, dtype=torch.float64)
-    return x, make_problem("inpainting", x, sigma=10, level=0.5, generator=g)
+def problems():
+    """An inpainting problem of 3 images per image shape of the tiny priors."""
+    out = {}
+    for shape in (SHAPE, (3, 64, 64)):
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(3, *shape, generator=g, dtype=torch.float64)
+        out[shape] = (x, make_problem("inpainting", x, sigma=10, level=0.5, generator=g))
+    return out
+
+
+@pytest.fixture
+def problem(prior, problems):
+    return problems[tuple(prior.image_shape)]
 
 
 def _solve(name, prior, y, op, sigma):
@@ -92,10 +109,11 @@ def test_every_registered_solver_has_tiny_options():
 
 
 def test_the_priors_of_these_tests_offer_the_prior_interface(tiny_priors):
-    assert set(PRIOR_OF) <= set(SOLVERS) and set(PRIOR_OF.values()) <= set(tiny_priors)
+    assert set(PRIOR_OF) <= set(CASES) and set(PRIOR_OF.values()) <= set(tiny_priors)
     assert all(isinstance(p, Prior) for p in tiny_priors.values())
     assert tiny_priors["vae"].latent_shape == (3,) and tiny_priors["hvae"].latent_shape == (2 * 64 + 2 * 3 * 16,)
     assert tiny_priors["flow"].latent_shape == SHAPE
+    assert tiny_priors["cae"].latent_shape == (3 * 4 * 4 + 2,)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -134,7 +152,7 @@ def test_solver_batched_equals_alone(name, prior, problem):
 @pytest.mark.parametrize("name", CASES)
 def test_solver_per_image_sigma_equals_each_sigma_alone(name, prior):
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(2, *SHAPE, generator=g, dtype=torch.float64)
+    x = torch.rand(2, *prior.image_shape, generator=g, dtype=torch.float64)
     sigmas = torch.tensor([5.0, 40.0])
     y = torch.cat([make_problem("denoising", x[i : i + 1], sigma=float(s), seed=i).y for i, s in enumerate(sigmas)])
     op = make_problem("denoising", x, sigma=1.0, seed=0).op

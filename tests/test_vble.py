@@ -462,3 +462,87 @@ def test_bad_input_raises_clear_errors(tiny_mlp, mlp_problem, diagonal_model):
     other = csgm(y, op, tiny_mlp, sigma=SIGMA, max_iters=2)
     with pytest.raises(ValueError, match="vble or vble_xz Restoration"):
         posterior_samples(tiny_mlp, other, 3)
+
+
+# ---- the uniform posterior (compressive autoencoder priors) --------------------------------------------------
+def _closed_form_elbo_uniform(prior, Am, y, zbar, a):
+    """ELBO per pixel of ``q(z) = U(zbar -+ a/2)`` for the linear-Gaussian model: each ``z_k`` has mean ``zbar_k``
+    and variance ``a_k^2 / 12``, and ``H(q) = sum log a`` (``p(z) = N(0, I)`` with its ``l/2 log 2 pi``)."""
+    AW = Am @ prior.W
+    var = a.pow(2) / 12
+    res = (zbar @ prior.W.T + prior.c) @ Am.T - y.flatten(1)
+    data = res.pow(2).sum(1) + (var * AW.pow(2).sum(0)).sum(1)
+    value = -data / (2 * S**2) - Am.shape[0] / 2 * math.log(2 * math.pi * S**2)
+    value = value - 0.5 * (zbar.pow(2) + var).sum(1) - 0.5 * zbar.shape[1] * math.log(2 * math.pi) + a.log().sum(1)
+    return value / NPIX
+
+
+def test_uniform_elbo_estimator_is_unbiased_with_entropy_sum_log_a():
+    """The SGVB estimate for ``q = U(zbar -+ a/2)`` (draws ``zbar + a (u - 1/2)``), averaged over many draws, matches
+    the closed form whose entropy is ``sum log a`` (slides, "[Appendice] CAE expressed in the VAE framework")."""
+    g = torch.Generator().manual_seed(5)
+    W = 0.3 * torch.randn(D, 4, generator=g, dtype=torch.float64)
+    prior = LinearGaussianPrior(W, 0.5 * torch.ones(D, dtype=torch.float64))
+    op = CompressedSensing(10, SHAPE, generator=g)
+    y1 = _observe(prior, op, 1, g)
+    n = 20000
+    zbar = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    a = 0.3 + 0.8 * torch.rand(1, 4, generator=g, dtype=torch.float64)
+    draws = elbo(
+        y1.expand(n, -1), op, prior, zbar.expand(n, -1), a.expand(n, -1), sigma=SIGMA, posterior="uniform", generator=g
+    )
+    exact = _closed_form_elbo_uniform(prior, _dense(op), y1, zbar, a)
+    se = draws.std() / math.sqrt(n)
+    assert float(draws.std()) > 1e-3
+    assert abs(float(draws.mean() - exact)) < 4 * float(se), (float(draws.mean()), float(exact), float(se))
+    # entropy: doubling a adds l log 2 / npix to the ELBO's entropy part (checked on a z-free model: W = 0)
+    flat = LinearGaussianPrior(torch.zeros(D, 4, dtype=torch.float64), prior.c)
+    e1 = elbo(y1, op, flat, torch.zeros(1, 4, dtype=torch.float64), 1.0, sigma=SIGMA, posterior="uniform",
+              n_samples=4000, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    e2 = elbo(y1, op, flat, torch.zeros(1, 4, dtype=torch.float64), 2.0, sigma=SIGMA, posterior="uniform",
+              n_samples=4000, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # E[-1/2 z^2] changes by -(4 - 1)/24 per coordinate
+    torch.testing.assert_close(e2 - e1, torch.tensor([4 * (math.log(2) - 3 / 24) / NPIX], dtype=torch.float64),
+                               rtol=0, atol=2e-3 / NPIX)  # fmt: skip
+
+
+def test_vble_uniform_fits_the_posterior_mean_and_the_optimal_width(diagonal_model):
+    """With a diagonal Gaussian posterior ``N(mu, diag(1/Lambda))``, the best uniform ``q`` has the posterior's mean
+    and width ``a = sqrt(12 / Lambda_kk)`` (maximise ``-a^2 Lambda / 24 + log a``): VBLE finds both, and its samples
+    lie in ``zbar -+ a/2``."""
+    prior, op, y = diagonal_model
+    r = vble(y, op, prior, sigma=SIGMA, posterior="uniform", n_posterior_samples=2000, **PRECISE)
+    assert r.info["posterior"] == "uniform" and r.info["a0"] == 1.0
+    mu, lam, cov = _posterior(prior, _dense(op), y)
+    sd = cov.diag().sqrt()
+    assert float(((r.z - mu) / sd).abs().max()) < 0.1
+    torch.testing.assert_close(r.per_image["z_scale"], (12 / lam.diag()).sqrt().expand_as(r.z), rtol=0.08, atol=0)
+    s = posterior_samples(prior, r, 500, generator=torch.Generator().manual_seed(0))
+    z = (s.flatten(2) - prior.c) @ prior.E.T  # the decoder is injective on its range: recover z
+    half = r.per_image["z_scale"][:, None] / 2
+    assert bool(((z - r.z[:, None]).abs() <= half + 1e-9).all())
+    assert float(((z - r.z[:, None]).abs() / half).max()) > 0.95  # and fill it
+
+
+def test_the_cae_prior_defaults_to_the_uniform_posterior_and_the_choice_is_checked(diagonal_model):
+    from jpmap_core.models import CAEHyperprior
+    from jpmap_core.operators import make_problem
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cae = CAEHyperprior(N=2, M=3, lmbda=0.01).double().eval().requires_grad_(False)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = make_problem("denoising", x, sigma=10, seed=0)
+    r = vble(p.y, p.op, cae, sigma=10, max_iters=3, n_posterior_samples=4)
+    assert r.info["posterior"] == "uniform" and r.info["a0"] == 1.0
+    g = vble(p.y, p.op, cae, sigma=10, max_iters=3, n_posterior_samples=4, posterior="gaussian")
+    assert g.info["posterior"] == "gaussian" and g.info["a0"] == pytest.approx(math.exp(-3))
+    prior, op, y = diagonal_model
+    assert vble(y, op, prior, sigma=SIGMA, max_iters=2, n_posterior_samples=4).info["posterior"] == "gaussian"
+    for method in (vble, vble_xz):
+        with pytest.raises(ValueError, match="posterior must be 'gaussian' or 'uniform'"):
+            method(y, op, prior, sigma=SIGMA, posterior="laplace")
+    with pytest.raises(ValueError, match="posterior must be 'gaussian' or 'uniform'"):
+        elbo(y, op, prior, torch.zeros(2, 4, dtype=torch.float64), 1.0, sigma=SIGMA, posterior="normal")
+    with pytest.raises(ValueError, match="zbar contains NaN"):
+        elbo(y, op, prior, torch.full((2, 4), math.nan, dtype=torch.float64), 1.0, sigma=SIGMA, posterior="uniform")

@@ -7,8 +7,10 @@ pixelwise standard deviation. On the same images and measurements, :func:`run_ta
 scores them:
 
 * **estimates**: PSNR and SSIM of the MMSE-x estimate ``1/S sum_i D(z_i)`` and PSNR of the MAP-z decode
-  ``D(zbar)`` (the slides' "MMSE-z"), against JPMAP's ``x`` (Alg. 2.3); every image is clamped to [0, 1] before a
-  metric;
+  ``D(zbar)`` (the slides' "MMSE-z"), against a MAP on the same prior: JPMAP's ``x`` (Alg. 2.3) for the Gaussian
+  VAEs, or (``map_method="csgm"``, the compressive autoencoder, which has no Gaussian encoder for JPMAP) the latent
+  MAP ``D(z_hat)``, ``z_hat = argmin_z ||A D(z) - y||^2 / (2 sigma^2) - log p(z)`` (the CAE's rate as ``-log p``),
+  by Adam from the encoder's code of ``A_dagger y``; every image is clamped to [0, 1] before a metric;
 * **calibration**, from the ``S`` posterior samples: per pixel (and channel), the central interval of nominal level
   ``p`` is ``[Q((1-p)/2), Q((1+p)/2)]`` of the samples' empirical quantiles (linear interpolation,
   ``torch.quantile``'s rule); its **coverage** is the fraction of ground-truth values ``x*`` inside it (bounds
@@ -48,6 +50,7 @@ from ..solvers import Restoration, solve
 
 __all__ = [
     "LABELS",
+    "MAP_LABELS",
     "METHODS",
     "NOMINAL_LEVELS",
     "POSTERIOR_METHODS",
@@ -81,7 +84,9 @@ NOMINAL_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 POSTERIOR_METHODS = ("vble", "vble_xz")
 METHODS = ("map", *POSTERIOR_METHODS)
 LABELS = {"map": "JPMAP", "vble": "VBLE", "vble_xz": "VBLE-xz"}
-DATASET_LABELS = {"mnist": "MNIST", "celeba": "CelebA"}
+DATASET_LABELS = {"mnist": "MNIST", "celeba": "CelebA", "bsd": "BSD"}
+#: the MAP-type solver of a run (``run_task(map_method=...)``) -> how figures name it
+MAP_LABELS = {"jpmap": "JPMAP", "csgm": "latent MAP"}
 #: the keys of every row of :func:`table_rows`, in order
 TABLE_KEYS = (
     "dataset",
@@ -269,6 +274,7 @@ class TaskRun:
     n_samples: int
     results: dict[str, MethodResult] = field(default_factory=dict)
     problem: Problem | None = field(default=None, repr=False)
+    map_method: str = "jpmap"  # the solver of the "map" row
 
     @property
     def n_images(self) -> int:
@@ -300,12 +306,15 @@ def run_task(
     methods: Sequence[str] = METHODS,
     device: str | torch.device = "cpu",
     keep_restorations: bool = True,
+    map_method: str = "jpmap",
 ) -> TaskRun:
     """Degrade ``x_true`` (``(B, C, H, W)`` on the CPU) as ``task`` says, restore it with every method in one batched
     call each, and score the estimates and the posteriors (module docstring).
 
-    ``jpmap_options``: keywords of :func:`~jpmap_core.solvers.jpmap` (Alg. 2.3; e.g. the caps ``n_max``,
-    ``adam_max_iters``); ``vble_options``: keywords shared by :func:`~jpmap_core.solvers.vble` and
+    ``jpmap_options``: keywords of the MAP solver ``map_method``: :func:`~jpmap_core.solvers.jpmap` (Alg. 2.3; e.g.
+    the caps ``n_max``, ``adam_max_iters``), or :func:`~jpmap_core.solvers.csgm` (``"csgm"``: the latent MAP with the
+    prior's ``-log p(z)``, e.g. ``max_iters``; started at the encoder's code of ``A_dagger y`` clamped to [0, 1]
+    unless ``z0`` is given); ``vble_options``: keywords shared by :func:`~jpmap_core.solvers.vble` and
     :func:`~jpmap_core.solvers.vble_xz` (e.g. ``max_iters``). Each posterior draws ``n_samples`` samples (the MMSE
     estimate, the std and the calibration use them all), from noise streams seeded by ``seed``.
     ``keep_restorations``: keep each posterior's :class:`Restoration` (without its samples) for
@@ -314,6 +323,8 @@ def run_task(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {METHODS}")
+    if map_method not in MAP_LABELS:
+        raise ValueError(f"unknown map_method {map_method!r}; expected one of {sorted(MAP_LABELS)}")
     lv = tuple(float(v) for v in _check_levels(levels).tolist())
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (a std and quantiles need 2), got {n_samples!r}")
@@ -321,13 +332,19 @@ def run_task(
         raise ValueError(f"x_true must be (B, *{tuple(prior.image_shape)}) images, got {tuple(x_true.shape)}")
     device = torch.device(device)
     problem = degrade(task, x_true, seed)
-    run = TaskRun(task, x_true, observation_image(problem).clamp(0, 1).cpu(), lv, n_samples, problem=problem)
+    run = TaskRun(task, x_true, observation_image(problem).clamp(0, 1).cpu(), lv, n_samples, problem=problem,
+                  map_method=map_method)  # fmt: skip
     y = problem.y.to(device)
     for m in methods:
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         if m == "map":
-            r = solve("jpmap", y, problem.op, prior, sigma=problem.sigma, **dict(jpmap_options or {}))
+            options = dict(jpmap_options or {})
+            if map_method == "csgm" and "z0" not in options:
+                with torch.no_grad():
+                    x0 = problem.op.A_dagger(y).clamp(0, 1)
+                    options["z0"] = prior.encode(x0)[0].detach()
+            r = solve(map_method, y, problem.op, prior, sigma=problem.sigma, **options)
         else:
             g = torch.Generator().manual_seed(int(seed))
             r = solve(m, y, problem.op, prior, sigma=problem.sigma, n_posterior_samples=n_samples,
@@ -502,8 +519,8 @@ def calibration_verdict(runs: Sequence[TaskRun]) -> dict[str, Any]:
 
 
 def psnr_gap(runs: Sequence[TaskRun]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{dataset: {task: {method: dB}}}``: mean over the images of PSNR(MMSE-x) - PSNR(JPMAP's x), per posterior
-    method (positive: the MMSE estimate is the better)."""
+    """``{dataset: {task: {method: dB}}}``: mean over the images of PSNR(MMSE-x) - PSNR(the MAP's x: JPMAP's, or the
+    latent MAP's decode), per posterior method (positive: the MMSE estimate is the better)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for run in runs:
         if "map" not in run.results:
@@ -632,7 +649,8 @@ def _blank(ax) -> None:
 
 def posterior_figure(runs: Sequence[TaskRun], index: int = 0, *, title: str | None = None, scale: float = 1.05):
     """The slides' "VBLE-xz VS VBLE sampling ability" figure for image ``index`` of every task: two rows per task
-    (VBLE, VBLE-xz), columns :data:`COLUMNS`; ``x*``, the observation and JPMAP in the first row of each pair. The
+    (VBLE, VBLE-xz), columns :data:`COLUMNS`; ``x*``, the observation and the MAP (JPMAP, or the latent MAP:
+    :data:`MAP_LABELS`) in the first row of each pair. The
     three uncertainty maps (std, true error, 90% error quantile; channel means for colour images) of both rows of a
     task share one colour scale (0 to the largest 99th percentile of the six maps), printed beside the pair, and
     each map its mean value; the estimates carry their PSNR (dB)."""
@@ -684,11 +702,14 @@ def posterior_figure(runs: Sequence[TaskRun], index: int = 0, *, title: str | No
         cax = axes[2 * t, -1].inset_axes([1.06, -1.0, 0.06, 1.9])
         fig.colorbar(im, cax=cax)
         cax.tick_params(labelsize=6)
+    map_names = dict.fromkeys(MAP_LABELS[run.map_method] for run in runs)
     for j, label in enumerate(COLUMNS):
+        if j == 2:  # the MAP solver(s) of these runs
+            label = " / ".join(map_names) + "\n(MAP)"
         axes[0, j].annotate(label, (0.5, 1.32), xycoords="axes fraction", ha="center", va="bottom", fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.3)
     if title:
-        fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / nrow)
+        fig.suptitle(title, fontsize=10, y=1.0 + (0.25 if nrow > 2 else 0.45) / nrow)  # above the column titles
     return fig
 
 

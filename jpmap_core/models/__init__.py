@@ -1,6 +1,7 @@
 """Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base, the MNIST (MLP) and CelebA (conv)
 architectures of JPMAP §3.1, the hierarchical VAE of PnP-HVAE (:class:`HVAE`, §6.2 PatchVDVAE) and the normalizing
-flows of AIPO (:class:`RealNVP`, :class:`Glow`)."""
+flows of AIPO (:class:`RealNVP`, :class:`Glow`) and the compressive autoencoder with a scale hyperprior of VBLE
+(:class:`CAEHyperprior`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from .cae import CAEAtSize, CAEHyperprior
 from .conv import ConvVAE
 from .flow import Flow, Glow, RealNVP
 from .hvae import HVAE, HVAEAtSize, check_temperature, linear_temperature, tempered_mean
@@ -17,12 +19,12 @@ from .vae import GaussianVAE
 
 #: architecture name (``config()["arch"]``) -> prior module class
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE, "hvae": HVAE}
-ARCHITECTURES.update(realnvp=RealNVP, glow=Glow)
+ARCHITECTURES.update(realnvp=RealNVP, glow=Glow, cae_hyperprior=CAEHyperprior)
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a prior module (a :class:`GaussianVAE`, an :class:`HVAE` or a :class:`Flow`) from its ``config()``
-    dictionary."""
+    """Rebuild a prior module (a :class:`GaussianVAE`, an :class:`HVAE`, a :class:`Flow` or a
+    :class:`CAEHyperprior`) from its ``config()`` dictionary."""
     cfg = dict(config)
     arch = cfg.pop("arch", None)
     if arch not in ARCHITECTURES:
@@ -37,4 +39,4 @@ __all__ = [
     "ARCHITECTURES", "ConvVAE", "GaussianVAE", "HVAE", "HVAEAtSize", "MLPVAE", "Prior", "build_model",
     "check_prior", "check_temperature", "latent_numel", "linear_temperature", "tempered_mean",
 ]  # fmt: skip
-__all__ += ["Flow", "Glow", "RealNVP"]
+__all__ += ["CAEAtSize", "CAEHyperprior", "Flow", "Glow", "RealNVP"]

@@ -21,6 +21,17 @@ References are the slides ``vble_vblexz_slides.txt`` (titles in brackets):
   last line prints the two KL terms with the opposite sign under its ``argmin``; the expression above is the one
   its first line (the general ELBO) gives.
 
+**Uniform posterior** (compressive autoencoder priors; slides "[Appendice] Use of a compressive autoencoder (CAE) -
+Details" and "[Appendice] CAE expressed in the VAE framework", the official code's
+``latent_inference_model="uniform"``): ``posterior="uniform"`` replaces the Gaussian family by
+``q(z) = prod_k U([zbar_k - a_k/2, zbar_k + a_k/2])``, sampled by reparameterisation as ``z = zbar + a (u - 1/2)``,
+``u ~ U[0, 1]^l``; its entropy is ``sum log a`` (no constant). The CAE was trained with this posterior at ``a = 1``
+(additive uniform noise), and its prior ``p(z)`` is a density convolved with ``U(-1/2, 1/2)``, smooth on the scale
+of ``a``. It is the default for priors that declare ``default_posterior = "uniform"``
+(:class:`~jpmap_core.models.CAEHyperprior`), with ``a_0 = 1`` (the slide's algorithm initialises ``a`` at 1, and
+``a = 1`` is the CAE's own encoder posterior); the Gaussian family stays the default elsewhere, and either may be
+chosen for any prior.
+
 **Estimator** (SGVB, "[Appendice] Final VBLE algorithm"): each Adam step draws ``n_samples`` reparameterised
 ``z_i = zbar + a * eps_i`` (and, for VBLE-xz, ``x_i = D(z_i) + b sigma_theta(z_i) xi_i``) and estimates
 ``E_q[||A x - y||^2]`` and ``E_q[-log p(z)]`` by their sample means; the entropy of ``q(z)`` is exact
@@ -29,7 +40,8 @@ References are the slides ``vble_vblexz_slides.txt`` (titles in brackets):
 in ``(zbar, a)`` is that of the exact entropy), only the reported value is less noisy. Adam runs on
 ``(zbar, log a)`` (and ``log b``), lr 0.1, at most 300 steps, ``a_0 = e^-3``: the official code's defaults
 (MaudBqrd/VBLE, ``latent_inference_model="gaussian"``); ``zbar_0`` is the encoder mean of the initial image
-(``A_dagger(y)`` as in JPMAP, or ``A^T y``, or a given ``x0`` / ``z0``).
+(``A_dagger(y)`` as in JPMAP, or ``A^T y``, or a given ``x0`` / ``z0``). With the uniform family the draws are
+``z_i = zbar + a * (u_i - 1/2)`` and the entropy ``sum log a`` is exact in the same way.
 
 **The ELBO reported** (``history["objective"]``, ``per_image["elbo"]``) is the ELBO **per pixel** (divided by
 ``H W``, the official code's ``num_pixels``), in nats, the quantity the method **maximises** (higher is better;
@@ -38,8 +50,10 @@ the official code minimises its negative). It includes the likelihood's normalis
 normalisation; the ELBO adds back ``l/2 log 2 pi``, the one of ``p_Z = N(0, I)`` (the Gaussian VAEs'
 ``neg_log_prior = 1/2 ||z||^2``): for them the ELBO is exact, and its latent part is exactly
 ``KL(q(z) || p_Z)`` (``history["kl"]``, the official code's ``kl_z``); a prior that drops another constant shifts
-the reported ELBO by that constant and nothing else. The history values are the one-step SGVB estimates (noisy);
-``per_image["elbo"]`` is the estimate at the returned posterior over the ``n_posterior_samples`` draws.
+the reported ELBO by that constant and nothing else. A prior whose ``neg_log_prior`` is a normalised density
+(``neg_log_prior_is_normalised = True``: the CAE's rate in nats) gets nothing added back. The history values are
+the one-step SGVB estimates (noisy); ``per_image["elbo"]`` is the estimate at the returned posterior over the
+``n_posterior_samples`` draws.
 
 **Stopping**, per image: after ``max_iters`` Adam steps, or when the ELBO estimate has not improved on its best
 value by more than ``rtol`` (relative) for ``patience`` consecutive steps (``torch``'s ``ReduceLROnPlateau`` rule;
@@ -70,6 +84,7 @@ from torch import Tensor
 from .._checks import check_positive
 from ..energy import Sigma, noise_std, sigma_info
 from ..models import Prior, check_prior
+from ..models.vae import LOG_2PI
 from ._common import AdamPool, Clock, History, Restoration, check_problem
 
 #: the official code's initial latent scale for a Gaussian q(z) (its ``az`` parameter starts at -3: a = e^-3)
@@ -108,6 +123,45 @@ class NoiseStreams:
                 for i in idx.tolist()
             ]
         )
+
+    def latent(self, posterior: str, idx: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The standardised latent draws of ``posterior``: ``eps ~ N(0, I)`` (Gaussian) or ``u - 1/2`` with
+        ``u ~ U[0, 1]`` (uniform), so that ``z = zbar + a * draw`` in both families."""
+        if posterior == "gaussian":
+            return self.normal(idx, shape, like)
+        return torch.stack(
+            [
+                torch.rand(shape, generator=self.generators[i], dtype=like.dtype, device=like.device) - 0.5
+                for i in idx.tolist()
+            ]
+        )
+
+
+#: the variational families of the latent: name -> slide
+POSTERIORS = {
+    "gaussian": '"[VBLE] Variational Bayes Latent Estimation": q(z) = N(zbar, diag(a^2))',
+    "uniform": '"[Appendice] CAE expressed in the VAE framework": q(z) = U(zbar - a/2, zbar + a/2)',
+}
+#: default initial latent scale of each family: the official code's e^-3 (Gaussian); 1, the CAE's training
+#: posterior and the slide algorithm's a_0 (uniform)
+A0_OF = {"gaussian": A0, "uniform": 1.0}
+
+
+def posterior_of(prior: Any, posterior: str | None) -> str:
+    """The latent family: ``posterior`` when given (``"gaussian"`` or ``"uniform"``), else the prior's
+    ``default_posterior`` (``"uniform"`` for a compressive autoencoder), else ``"gaussian"``."""
+    if posterior is None:
+        posterior = getattr(prior, "default_posterior", "gaussian")
+    if posterior not in POSTERIORS:
+        raise ValueError(f"posterior must be 'gaussian' or 'uniform' (None: the prior's default), got {posterior!r}")
+    return posterior
+
+
+def latent_draws(posterior: str, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standardised draws of ``posterior`` (see :meth:`NoiseStreams.latent`) from one generator."""
+    if posterior == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+    return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device) - 0.5
 
 
 # ---- the model and the ELBO --------------------------------------------------------------------------------
@@ -149,13 +203,17 @@ class Terms:
 class Model:
     """``p(y | x) = N(A x, sigma^2 I)`` with the prior, and how to evaluate the ELBO for some of the images."""
 
-    def __init__(self, y: Tensor, op: Any, prior: Prior, sigma: Sigma, std_fn: DecoderStd | None) -> None:
-        self.y, self.op, self.prior, self.std_fn = y, op, prior, std_fn
+    def __init__(
+        self, y: Tensor, op: Any, prior: Prior, sigma: Sigma, std_fn: DecoderStd | None, posterior: str = "gaussian"
+    ) -> None:
+        self.y, self.op, self.prior, self.std_fn, self.posterior = y, op, prior, std_fn, posterior
         self.B = y.shape[0]
         self.image_shape = tuple(int(s) for s in prior.image_shape)
         self.latent_shape = tuple(int(s) for s in prior.latent_shape)
         self.l = math.prod(self.latent_shape)
         self.npix = self.image_shape[-2] * self.image_shape[-1]
+        # -log p(z) + prior_constant is the normalised negative log density (module docstring, "The ELBO reported")
+        self.prior_constant = 0.0 if getattr(prior, "neg_log_prior_is_normalised", False) else 0.5 * self.l * LOG_2PI
         s = noise_std(sigma, y)
         self.s = s if isinstance(s, Tensor) else torch.full((self.B,), float(s), dtype=y.dtype, device=y.device)
         measured = getattr(op, "measured", None)  # BatchBlocks pads each block's y: count its own entries only
@@ -186,9 +244,10 @@ class Model:
     def terms(
         self, idx: Tensor, zbar: Tensor, log_a: Tensor, log_b: Tensor | None, eps: Tensor, xi: Tensor | None
     ) -> Terms:
-        """The SGVB estimate of the ELBO of images ``idx`` for ``q(z) = N(zbar, diag(exp(log_a)^2))`` (and, with
-        ``log_b``, ``q_b(x|z) = N(D(z), diag((b sigma_theta(z))^2))``), from the draws ``eps`` ``(r, n, *latent)``
-        (and ``xi`` ``(r, n, C, H, W)``). Differentiable in ``zbar``, ``log_a``, ``log_b``."""
+        """The SGVB estimate of the ELBO of images ``idx`` for ``q(z) = N(zbar, diag(exp(log_a)^2))`` or
+        ``U(zbar -+ exp(log_a)/2)`` (:attr:`posterior`; and, with ``log_b``, ``q_b(x|z) = N(D(z), diag((b
+        sigma_theta(z))^2))``), from the standardised draws ``eps`` ``(r, n, *latent)`` (and ``xi`` ``(r, n, C, H,
+        W)``). Differentiable in ``zbar``, ``log_a``, ``log_b``."""
         r, n = eps.shape[:2]
         z = (zbar.unsqueeze(1) + log_a.exp().unsqueeze(1) * eps).reshape(r * n, *self.latent_shape)
         x = decoded = self.prior.decode(z, check=False)
@@ -203,7 +262,11 @@ class Model:
         s = self.s[idx]
         data = res.flatten(1).pow(2).sum(1).view(r, n).mean(1) / (2 * s * s)
         nlp = self.prior.neg_log_prior(z).view(r, n).mean(1)
-        kl = nlp - log_a.flatten(1).sum(1) - 0.5 * self.l + kl_x  # E_q[-log p] - H(q), 2 pi constants cancel
+        # H(q) = sum log a + l/2 (1 + log 2 pi) (Gaussian) or sum log a (uniform)
+        entropy = log_a.flatten(1).sum(1)
+        if self.posterior == "gaussian":
+            entropy = entropy + 0.5 * self.l * (1.0 + LOG_2PI)
+        kl = nlp + self.prior_constant - entropy + kl_x  # E_q[-log p(z)] - H(q)
         const = 0.5 * self.m[idx] * torch.log(2 * math.pi * s * s)
         samples, decoded = x.view(r, n, *self.image_shape), decoded.view(r, n, *self.image_shape)
         return Terms(-(data + const + kl) / self.npix, data / self.npix, kl / self.npix, samples, decoded)
@@ -245,10 +308,12 @@ def elbo(
     b: Tensor | float | None = None,
     decoder_std: float | None = None,
     n_samples: int = 1,
+    posterior: str | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The SGVB estimate ``(B,)`` of the ELBO per pixel (the module docstring's definition) of the posterior
-    ``q(z) = N(zbar, diag(a^2))`` (VBLE) or, with ``b``, ``q(z) q_b(x|z)`` (VBLE-xz), from ``n_samples`` draws of
+    ``q(z) = N(zbar, diag(a^2))`` or ``U(zbar -+ a/2)`` (``posterior``, default: the prior's, see
+    :func:`posterior_of`) (VBLE) or, with ``b``, ``q(z) q_b(x|z)`` (VBLE-xz), from ``n_samples`` draws of
     ``generator``. ``a``: a number, ``(B,)`` or ``(B, *latent_shape)``; ``b``: a number, ``(B,)``, ``(B, 1, 1, 1)`` or
     ``(B, C, H, W)``. Unbiased; differentiable in ``zbar``, ``a`` and ``b`` when they require gradients.
     """
@@ -258,13 +323,16 @@ def elbo(
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     std_fn = decoder_std_of(prior, decoder_std)[0] if b is not None else None
-    model = Model(y, op, prior, sigma, std_fn)
+    kind = posterior_of(prior, posterior)
+    model = Model(y, op, prior, sigma, std_fn, kind)
     lat, img = model.latent_shape, model.image_shape
     if not isinstance(zbar, Tensor) or tuple(zbar.shape) != (B, *lat):
         raise ValueError(f"zbar must be a (B, *latent_shape) = {(B, *lat)} tensor")
+    if not bool(torch.isfinite(zbar).all()):
+        raise ValueError("zbar contains NaN or infinite values")
     log_a = _as_rows(a, B, lat, y, "a").log()
     log_b = None if b is None else _as_rows(b, B, img, y, "b").log()
-    eps = torch.randn(B, n_samples, *lat, generator=generator, dtype=y.dtype, device=y.device)
+    eps = latent_draws(kind, (B, n_samples, *lat), y, generator)
     xi = None
     if b is not None:
         xi = torch.randn(B, n_samples, *img, generator=generator, dtype=y.dtype, device=y.device)
@@ -287,7 +355,7 @@ class Options:
     max_iters: int
     patience: int
     rtol: float
-    a0: float
+    a0: float | None
     n_posterior_samples: int
     n_keep_samples: int
     sample_batch: int
@@ -304,7 +372,8 @@ class Options:
                 f"n_keep_samples ({self.n_keep_samples}) cannot exceed n_posterior_samples ({self.n_posterior_samples})"
             )
         self.lr = check_positive(self.lr, "lr")
-        self.a0 = check_positive(self.a0, "a0")
+        if self.a0 is not None:
+            self.a0 = check_positive(self.a0, "a0")
         if not (isinstance(self.rtol, int | float) and math.isfinite(self.rtol) and self.rtol >= 0):
             raise ValueError(f"rtol must be a finite number >= 0, got {self.rtol!r}")
 
@@ -420,14 +489,33 @@ def _chunks(n: int, size: int) -> list[int]:
     return [min(size, n - i) for i in range(0, n, size)]
 
 
-def _fit(y, op, prior, sigma, *, method, opts: Options, xnoise_spec, decoder_std, x0, z0, init, eps_dagger, generator):
+def _fit(
+    y,
+    op,
+    prior,
+    sigma,
+    *,
+    method,
+    opts: Options,
+    posterior,
+    xnoise_spec,
+    decoder_std,
+    x0,
+    z0,
+    init,
+    eps_dagger,
+    generator,
+):
     start = "z0" if z0 is not None else "x0" if x0 is not None else init
+    kind = posterior_of(prior, posterior)
+    if opts.a0 is None:
+        opts.a0 = A0_OF[kind]
     y, x0, sigma = check_problem(y, op, prior, sigma, x0, init, eps_dagger)
     clock = Clock()
     B = y.shape[0]
     xz = xnoise_spec is not None
     std_fn, std_info = decoder_std_of(prior, decoder_std) if xz else (None, None)
-    model = Model(y, op, prior, sigma, std_fn)
+    model = Model(y, op, prior, sigma, std_fn, kind)
     lat, img = model.latent_shape, model.image_shape
     xnoise = XNoise.build(xnoise_spec[0], xnoise_spec[1], B, img, y) if xz else None
     zbar0 = _initial_latent(prior, x0, z0)
@@ -439,7 +527,7 @@ def _fit(y, op, prior, sigma, *, method, opts: Options, xnoise_spec, decoder_std
 
     def neg_elbo(p: Tensor, idx: Tensor) -> Tensor:
         zbar, log_a, log_b = packing.unpack(p, idx)
-        eps = streams.normal(idx, (opts.n_samples, *lat), y)
+        eps = streams.latent(kind, idx, (opts.n_samples, *lat), y)
         xi = streams.normal(idx, (opts.n_samples, *img), y) if xz else None
         last["terms"] = t = model.terms(idx, zbar, log_a, log_b, eps, xi)
         return -t.elbo
@@ -469,7 +557,7 @@ def _fit(y, op, prior, sigma, *, method, opts: Options, xnoise_spec, decoder_std
         means = Moments(x_decoded) if xz else moments
         kept, elbo_sum = [], torch.zeros(B, dtype=y.dtype, device=y.device)
         for k in _chunks(opts.n_posterior_samples, opts.sample_batch):
-            eps = streams.normal(all_rows, (k, *lat), y)
+            eps = streams.latent(kind, all_rows, (k, *lat), y)
             xi = streams.normal(all_rows, (k, *img), y) if xz else None
             t = model.terms(all_rows, zbar, log_a, log_b, eps, xi)
             moments.add(t.x)
@@ -486,7 +574,7 @@ def _fit(y, op, prior, sigma, *, method, opts: Options, xnoise_spec, decoder_std
         "samples": samples,
         "elbo": elbo_sum / opts.n_posterior_samples,
     }
-    info = {"method": method, "sigma": sigma_info(sigma), **opts.info(), "init": start}
+    info = {"method": method, "sigma": sigma_info(sigma), **opts.info(), "init": start, "posterior": kind}
     info["seeds"] = "per image: hash(base seed, y_b); base seed " + ("0" if generator is None else "from generator")
     if xz:
         per_image["b"] = log_b.exp().expand(B, *xnoise.shape).clone()
@@ -518,7 +606,8 @@ def vble(
     max_iters: int = 300,
     patience: int = 50,
     rtol: float = 1e-4,
-    a0: float = A0,
+    a0: float | None = None,
+    posterior: str | None = None,
     x0: Tensor | None = None,
     z0: Tensor | None = None,
     init: str = "dagger",
@@ -537,8 +626,13 @@ def vble(
     ``-log p(z)``); ``sigma`` on the 0-255 scale, a number or ``(B,)``.
 
     Options: ``n_samples`` SGVB draws per Adam step; ``lr``, ``max_iters``, ``patience``, ``rtol`` (stopping);
-    ``a0`` the initial latent scale; ``x0`` / ``init`` / ``eps_dagger`` the image whose encoder mean is ``zbar_0``
-    (``init="dagger"``: ``A_dagger(y)``; ``"adjoint"``: ``A^T y``), or ``z0`` directly;
+    ``posterior`` the latent family, ``"gaussian"`` or ``"uniform"`` (``q(z) = U(zbar -+ a/2)``, sampled as
+    ``zbar + a (u - 1/2)``; slide "[Appendice] CAE expressed in the VAE framework"), by default the prior's
+    ``default_posterior`` (uniform for :class:`~jpmap_core.models.CAEHyperprior`, Gaussian otherwise);
+    ``a0`` the initial latent scale (default: ``e^-3`` for the Gaussian family, the official code's; 1 for the
+    uniform one, the CAE's training posterior and the slide algorithm's ``a_0``); ``x0`` / ``init`` / ``eps_dagger``
+    the image whose encoder mean is ``zbar_0`` (``init="dagger"``: ``A_dagger(y)``; ``"adjoint"``: ``A^T y``), or
+    ``z0`` directly;
     ``n_posterior_samples`` draws of the fitted posterior for the MMSE estimate and the std, decoded
     ``sample_batch`` per image at a time, of which the first ``n_keep_samples`` are returned; ``generator``
     seeds the noise streams (None: base seed 0, so that equal inputs give equal outputs).
@@ -547,15 +641,16 @@ def vble(
     ``x_decoded`` = ``D(zbar)`` (the slides' MMSE-z estimate); ``iterations`` the Adam steps; ``converged`` whether
     the patience rule stopped the image before ``max_iters``; ``history["objective"]`` the ELBO per pixel
     (maximised; one-step estimates), ``history["data_fidelity"]`` (``E_q ||A D(z) - y||^2 / (2 sigma^2)``) and
-    ``history["kl"]`` (``KL(q || p_Z)``), both per pixel, ``history["seconds"]``; ``per_image["z_scale"]`` = ``a``,
-    ``per_image["std"]`` the pixelwise posterior std ``(B, C, H, W)`` (unbiased, over the ``S`` draws),
+    ``history["kl"]`` (``KL(q || p_Z)``), both per pixel, ``history["seconds"]``; ``per_image["z_scale"]`` = ``a``
+    (the std of the Gaussian family, the width of the uniform one), ``per_image["std"]`` the pixelwise posterior std
+    ``(B, C, H, W)`` (unbiased, over the ``S`` draws),
     ``per_image["samples"]`` ``(B, n_keep_samples, C, H, W)``, ``per_image["elbo"]`` ``(B,)`` the ELBO per pixel
     over the ``S`` draws. :func:`posterior_samples` draws more.
     """
     opts = Options(n_samples, lr, max_iters, patience, rtol, a0, n_posterior_samples, n_keep_samples, sample_batch)
     return _fit(
-        y, op, prior, sigma, method="vble", opts=opts, xnoise_spec=None, decoder_std=None, x0=x0, z0=z0, init=init,
-        eps_dagger=eps_dagger, generator=generator,
+        y, op, prior, sigma, method="vble", opts=opts, posterior=posterior, xnoise_spec=None, decoder_std=None,
+        x0=x0, z0=z0, init=init, eps_dagger=eps_dagger, generator=generator,
     )  # fmt: skip
 
 
@@ -573,7 +668,8 @@ def vble_xz(
     max_iters: int = 300,
     patience: int = 50,
     rtol: float = 1e-4,
-    a0: float = A0,
+    a0: float | None = None,
+    posterior: str | None = None,
     x0: Tensor | None = None,
     z0: Tensor | None = None,
     init: str = "dagger",
@@ -606,8 +702,8 @@ def vble_xz(
     """
     opts = Options(n_samples, lr, max_iters, patience, rtol, a0, n_posterior_samples, n_keep_samples, sample_batch)
     return _fit(
-        y, op, prior, sigma, method="vble_xz", opts=opts, xnoise_spec=(b, b0), decoder_std=decoder_std, x0=x0, z0=z0,
-        init=init, eps_dagger=eps_dagger, generator=generator,
+        y, op, prior, sigma, method="vble_xz", opts=opts, posterior=posterior, xnoise_spec=(b, b0),
+        decoder_std=decoder_std, x0=x0, z0=z0, init=init, eps_dagger=eps_dagger, generator=generator,
     )  # fmt: skip
 
 
@@ -621,7 +717,8 @@ def posterior_samples(
     sample_batch: int = 25,
 ) -> Tensor:
     """``n`` more image samples ``(B, n, C, H, W)`` of the posterior a :func:`vble` / :func:`vble_xz` run fitted
-    (what the explorer draws on demand): ``x = D(zbar + a eps)`` (VBLE), plus ``b sigma_theta(z) xi`` (VBLE-xz, with
+    (what the explorer draws on demand): ``x = D(zbar + a eps)`` (VBLE; ``eps`` standard normal, or ``u - 1/2`` for
+    the uniform family the run used, ``info["posterior"]``), plus ``b sigma_theta(z) xi`` (VBLE-xz, with
     the decoder std of that run). Each image draws from its own stream, seeded with a hash of a base seed (0, or one
     draw of ``generator``) and of its ``(zbar, a)``: the samples of an image do not depend on the batch.
     """
@@ -632,6 +729,7 @@ def posterior_samples(
     if method not in ("vble", "vble_xz") or "z_scale" not in restoration.per_image:
         raise ValueError(f"posterior_samples needs a vble or vble_xz Restoration, got method {method!r}")
     zbar, a = restoration.z, restoration.per_image["z_scale"]
+    kind = posterior_of(prior, restoration.info.get("posterior", "gaussian"))
     B = zbar.shape[0]
     lat, img = tuple(prior.latent_shape), tuple(prior.image_shape)
     if tuple(zbar.shape) != (B, *lat):
@@ -645,7 +743,7 @@ def posterior_samples(
     rows = torch.arange(B, device=zbar.device)
     out = []
     for k in _chunks(n, sample_batch):
-        z = (zbar.unsqueeze(1) + a.unsqueeze(1) * streams.normal(rows, (k, *lat), zbar)).reshape(B * k, *lat)
+        z = (zbar.unsqueeze(1) + a.unsqueeze(1) * streams.latent(kind, rows, (k, *lat), zbar)).reshape(B * k, *lat)
         x = prior.decode(z, check=False)
         if std_fn is not None:
             xi = streams.normal(rows, (k, *img), zbar).reshape(B * k, *img)
