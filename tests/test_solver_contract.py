@@ -29,9 +29,14 @@ TINY = {
     "adam_j1": {"max_iters": 10, "patience": 1},
     "aipo": {"K": 2, "n_mle": 3, "max_rounds": 3},
     "aipo_baseline": {"budget": 8, "n_mle": 3},
+    "wiener": {},
+    "tv": {"max_iters": 5, "prox_iters": 20},
+    "epll": {"betas": [1e3, 1e4]},
 }
 #: solvers that need another prior than the flat MLP VAE
 PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae", "aipo": "flow", "aipo_baseline": "flow"}
+#: the classical baselines: no learned prior (None), or EPLL's patch mixture (not a Prior: no latent, z is (B, 0))
+PRIOR_OF.update(wiener="none", tv="none", epll="gmm")
 #: variants of a registered solver run through the same contract: name -> (registered name, options)
 VARIANTS = {
     "csgm[z_optimizer=lm]": ("csgm", dict(TINY["csgm"], z_optimizer="lm")),
@@ -68,10 +73,23 @@ def name() -> str:
     return "csgm"
 
 
+@pytest.fixture(scope="module")
+def tiny_gmm():
+    """A 3-component mixture of 3x3 grey patches (random covariances), EPLL's prior."""
+    from jpmap_core.models import PatchGMM
+
+    g = torch.Generator().manual_seed(0)
+    gmm = PatchGMM(n_components=3, patch_size=3, channels=1)
+    a = torch.randn(3, 9, 9, generator=g, dtype=torch.float64)
+    gmm.covariances.copy_(a @ a.transpose(1, 2) / 9 + 0.01 * torch.eye(9))
+    return gmm
+
+
 @pytest.fixture
-def prior(name, tiny_priors):
+def prior(name, tiny_priors, tiny_gmm):
     """The tiny prior solver ``name`` accepts (:data:`PRIOR_OF`)."""
-    return tiny_priors[PRIOR_OF.get(name, "vae")]
+    kind = PRIOR_OF.get(name, "vae")
+    return {"none": None, "gmm": tiny_gmm}[kind] if kind in ("none", "gmm") else tiny_priors[kind]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +109,7 @@ def test_every_registered_solver_has_tiny_options():
 
 
 def test_the_priors_of_these_tests_offer_the_prior_interface(tiny_priors):
-    assert set(PRIOR_OF) <= set(SOLVERS) and set(PRIOR_OF.values()) <= set(tiny_priors)
+    assert set(PRIOR_OF) <= set(SOLVERS) and set(PRIOR_OF.values()) <= set(tiny_priors) | {"none", "gmm"}
     assert all(isinstance(p, Prior) for p in tiny_priors.values())
     assert tiny_priors["vae"].latent_shape == (3,) and tiny_priors["hvae"].latent_shape == (2 * 64 + 2 * 3 * 16,)
     assert tiny_priors["flow"].latent_shape == SHAPE
@@ -104,7 +122,7 @@ def test_solver_returns_a_wellformed_restoration(name, prior, problem):
     B = x_true.shape[0]
     assert isinstance(r, Restoration) and len(r) == B
     assert r.x.shape == x_true.shape and r.x_decoded.shape == x_true.shape
-    assert r.z.shape == (B, *prior.latent_shape)
+    assert r.z.shape == (B, *getattr(prior, "latent_shape", (0,)))  # the classical baselines have no latent
     assert r.converged.shape == (B,) and r.converged.dtype == torch.bool
     assert r.iterations.shape == (B,) and not r.iterations.is_floating_point() and bool((r.iterations >= 0).all())
     for t in (r.x, r.x_decoded, r.z):
@@ -163,5 +181,5 @@ def test_solver_refuses_bad_input_with_a_clear_message(name, prior, problem):
 
 def test_solve_names_the_registered_methods_for_an_unknown_one(prior, problem):
     _, p = problem
-    with pytest.raises(ValueError, match="registered solvers: .*csgm, jpmap"):
+    with pytest.raises(ValueError, match="registered solvers: .*csgm, .*jpmap"):
         solve("pnp", p.y, p.op, prior, sigma=10)

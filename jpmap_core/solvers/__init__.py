@@ -35,6 +35,13 @@ The JPMAP-family solvers (``csgm``, ``jpmap``, ``mapz_splitting``) also accept a
   ``"aipo_baseline"`` -- :func:`aipo_baseline`, its fixed-lambda baselines (MLE, random and zero starts, equal
   budget)
 
+Classical baselines of PnP-HVAE's Tables 2-3 (no latent: ``z`` is ``(B, 0)``, ``x_decoded`` is ``x``):
+
+* ``"wiener"`` -- :func:`wiener`, Wiener filter with a ``1/f^2`` Gaussian prior (``prior=None``)
+* ``"tv"`` -- :func:`tv`, total variation by MFISTA with deepinv's TV prox (``prior=None``)
+* ``"epll"`` -- :func:`epll`, EPLL (Zoran & Weiss 2011) with deepinv, ``prior`` a
+  :class:`~jpmap_core.models.PatchGMM` (``bsd_patch_gmm``)
+
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
 
@@ -51,10 +58,13 @@ from torch import Tensor
 from ._common import AdamPool, Restoration, adam_minimize
 from .aipo import aipo, aipo_baseline, mle_start
 from .csgm import csgm
+from .epll import epll
 from .jpmap import jpmap
 from .pnp_hvae import adam_j1, pnp_hvae
 from .splitting import mapz_splitting
+from .tv import tv
 from .vble import posterior_samples, vble, vble_xz
+from .wiener import wiener
 
 Solver = Callable[..., Restoration]
 
@@ -63,6 +73,7 @@ SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": ma
 SOLVERS.update(vble=vble, vble_xz=vble_xz)
 SOLVERS.update(pnp_hvae=pnp_hvae, adam_j1=adam_j1)
 SOLVERS.update(aipo=aipo, aipo_baseline=aipo_baseline)
+SOLVERS.update(wiener=wiener, tv=tv, epll=epll)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -76,3 +87,4 @@ __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csg
 __all__ += ["posterior_samples", "vble", "vble_xz"]
 __all__ += ["adam_j1", "pnp_hvae"]
 __all__ += ["aipo", "aipo_baseline", "mle_start"]
+__all__ += ["epll", "tv", "wiener"]
