@@ -10,4 +10,6 @@ figure layouts). Notebooks import from here; the core (``jpmap_core.*`` outside 
   uncertainty maps, calibration
 * :mod:`~jpmap_core.experiments.pnp_hvae_analysis` -- PnP-HVAE Figs. 1, 2, 7 (notebooks 08, 09): Lipschitz ratios and
   Jacobian norms of the HVAE reconstruction, Algorithm 2 against Adam, the temperature sweep
+* :mod:`~jpmap_core.experiments.natural` -- PnP-HVAE Table 2 (notebook 11): BSD deblurring by PnP-HVAE, EPLL, TV and
+  Wiener
 """
