@@ -158,3 +158,18 @@ def test_gradient_statistics_of_the_defaults_are_those_of_the_bsd_training_image
     stats = gradient_statistics(bsd[0].images)
     for key, value in BSD_TRAIN_GRADIENTS.items():
         assert stats[key] == pytest.approx(value, rel=1e-6)
+
+
+def test_epll_starts_from_the_wiener_estimate_unless_told_otherwise():
+    gmm = PatchGMM(n_components=2, patch_size=3, channels=3)
+    x = _smooth(1, size=12)
+    p = make_problem("blur", x, sigma=10.0, kernel=torch.ones(3, 3, dtype=torch.float64) / 9, seed=0)
+    w = wiener(p.y, p.op, sigma=10.0).x
+    a = epll(p.y, p.op, gmm, sigma=10.0)
+    b = epll(p.y, p.op, gmm, sigma=10.0, x0=w)
+    torch.testing.assert_close(a.x, b.x)
+    assert a.info["init"] == "wiener" and b.info["init"] == "x0"
+    c = epll(p.y, p.op, gmm, sigma=10.0, init="adjoint")
+    assert c.info["init"] == "adjoint" and not torch.allclose(a.x, c.x)
+    with pytest.raises(ValueError, match="unknown init"):
+        epll(p.y, p.op, gmm, sigma=10.0, init="zeros")
