@@ -23,7 +23,8 @@ from ._common import Clock, Restoration
 #: [0, 1]) of the 48 CBSD68 training images of :func:`~jpmap_core.data.bsd_split` (those of ``bsd_patch_hvae``), as
 #: :func:`gradient_statistics` computes them: ``mean_square`` = E[d^2] over both directions (the variance ``s^2`` of
 #: the Gaussian gradient prior of :func:`~jpmap_core.solvers.wiener`), ``mean_magnitude`` = E[sqrt(dh^2 + dv^2)] (the
-#: Laplace-type prior of :func:`~jpmap_core.solvers.tv` has ``lambda = 2 / mean_magnitude``). Tested against the data.
+#: Laplace-type prior of :func:`~jpmap_core.solvers.tv` has ``lambda = 2 / mean_magnitude``, scaled down). Tested
+#: against the data.
 BSD_TRAIN_GRADIENTS = {"mean_square": 0.0055365556, "mean_magnitude": 0.0630900665}
 
 
