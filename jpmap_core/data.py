@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice, check_positive
+from ._checks import check_choice, check_images, check_positive
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -785,6 +785,31 @@ class PatchSampler:
             patch = torch.rot90(patch, k % 4, dims=(-2, -1))
             out.append(patch.flip(-1) if k >= 4 else patch)
         return torch.stack(out).contiguous()
+
+
+class ImageSampler:
+    """Random whole images of a stacked set ``(N, C, H, W)``, drawn from a ``torch.Generator`` (the face prior
+    ``celeba64_hvae`` trains on whole 64x64 faces, as VDVAE on FFHQ in PnP-HVAE §6.1).
+
+    An image is drawn uniformly with replacement; with ``hflip`` it is mirrored left-right with probability 1/2 (the
+    only symmetry of an aligned face). Same interface as :class:`PatchSampler`: :meth:`draw` draws the random
+    numbers of all ``n`` images and returns only ``rows``, so processes sharing a generator state split a batch.
+    """
+
+    def __init__(self, images: Tensor, *, hflip: bool = True):
+        check_images(images, "images")
+        self.images = images
+        self.hflip = bool(hflip)
+        self.patch_size = int(images.shape[-1]) if images.shape[-1] == images.shape[-2] else None
+
+    def draw(self, n: int, generator: torch.Generator | None = None, rows: slice | None = None) -> Tensor:
+        """``n`` images ``(n, C, H, W)`` (or only those of ``rows``); the generator advances as for all ``n``."""
+        n = int(n)
+        index = torch.randint(self.images.shape[0], (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        index, flip = index[rows or slice(None)], flip[rows or slice(None)]
+        x = self.images[index]
+        return torch.where(flip[:, None, None, None], x.flip(-1), x).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ Gamma = float | Tensor
 Shape = tuple[int, ...]
 
 __all__ = [
+    "BLOB_AXES",
     "BatchBlocks",
     "BlurFFT",
     "CompressedSensing",
@@ -46,10 +47,12 @@ __all__ = [
     "Inpainting",
     "LEVEL_MEANING",
     "LinearOperator",
+    "MASK_PATTERNS",
     "PROBLEMS",
     "Problem",
     "SuperResolution",
     "as_operator",
+    "blob_masks",
     "check_level",
     "make_problem",
 ]
@@ -302,6 +305,58 @@ def _block_observed(
     return grid.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
 
 
+#: random patterns of missing pixels :class:`Inpainting` draws: independent pixels (JPMAP), or blobs (PnP-HVAE Table 3)
+MASK_PATTERNS = ("pixels", "blobs")
+#: semi-axis range of the elliptical blobs of :func:`blob_masks`, as fractions of the image's smaller side
+BLOB_AXES = (0.02, 0.06)
+
+
+def blob_masks(
+    image_shape: tuple[int, int, int],
+    coverage: float,
+    batch_size: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    axes: tuple[float, float] = BLOB_AXES,
+) -> Tensor:
+    """Masks ``(batch_size, C, H, W)`` (1 = observed) that hide random blobs, as masks that "occlude small objects"
+    (PnP-HVAE §6.3, Table 3 and Fig. 6; the paper's masks are not public).
+
+    Rule, for each image in turn: draw ellipses one after the other, each with a centre uniform over the image, two
+    semi-axes uniform in ``axes`` times ``min(H, W)`` and an orientation uniform in ``[0, pi)``, and hide the pixels
+    inside it, until at least ``coverage`` of the pixels are hidden. The hidden fraction is therefore in
+    ``[coverage, coverage + pi a_max^2 / (H W))`` (one ellipse of overshoot at most); every draw comes from
+    ``generator``, so a seed gives the same masks, and each image of the batch gets its own blobs. Whole pixels are
+    hidden (the same mask in every channel).
+    """
+    c, h, w = _check_image_shape(image_shape)
+    cov = float(coverage)
+    if not 0 <= cov < 1:
+        raise ValueError(f"coverage (fraction of hidden pixels) must be in [0, 1), got {coverage!r}")
+    lo, hi = (float(a) for a in axes)
+    if not 0 < lo <= hi:
+        raise ValueError(f"axes must be (min, max) semi-axes with 0 < min <= max, got {axes!r}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    side = min(h, w)
+    rows = torch.arange(h, dtype=torch.float64)[:, None]
+    cols = torch.arange(w, dtype=torch.float64)[None, :]
+    masks = []
+    for _ in range(int(batch_size)):
+        hidden = torch.zeros(h, w, dtype=torch.bool)
+        while float(hidden.double().mean()) < cov:
+            u = torch.rand(5, generator=generator, dtype=torch.float64)
+            cy, cx = u[0] * h, u[1] * w
+            a, b = (lo + (hi - lo) * u[2:4]) * side
+            t = math.pi * float(u[4])
+            dy, dx = rows - cy, cols - cx
+            along = dx * math.cos(t) + dy * math.sin(t)
+            across = -dx * math.sin(t) + dy * math.cos(t)
+            hidden |= (along / a).pow(2) + (across / b).pow(2) <= 1
+        masks.append((~hidden).float().expand(c, h, w))
+    return torch.stack(masks).contiguous()
+
+
 class Inpainting(LinearOperator):
     """``y = M x + n`` with a binary mask ``M`` (1 = observed), JPMAP §3.4 'missing pixels'.
 
@@ -317,6 +372,9 @@ class Inpainting(LinearOperator):
 
     :meth:`degrade` adds noise to every entry of ``M x`` (as the official JPMAP code; ``deepinv`` adds it to
     the observed entries only): the noise on missing entries never reaches an estimate, since ``A^T y = M y``.
+
+    ``pattern="blobs"`` draws masks that hide random elliptical blobs covering a fraction ``missing`` of each image
+    instead (:func:`blob_masks`, the masks of PnP-HVAE's Table 3).
     """
 
     def __init__(
@@ -328,11 +386,14 @@ class Inpainting(LinearOperator):
         batch_size: int = 1,
         generator: torch.Generator | None = None,
         block: int | None = None,
+        pattern: str = "pixels",
     ):
+        check_choice(pattern, "pattern", MASK_PATTERNS)
         if mask is not None:
-            if missing is not None or block is not None:
+            if missing is not None or block is not None or pattern != "pixels":
                 raise ValueError(
-                    "give either mask or missing (the fraction of missing pixels of a random mask, with its block size)"
+                    "give either mask or missing (the fraction of missing pixels of a random mask, drawn with pattern "
+                    "and block)"
                 )
             if isinstance(mask, Tensor) and mask.dtype == torch.bool:
                 mask = mask.float()
@@ -355,11 +416,16 @@ class Inpainting(LinearOperator):
             if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             c, h, w = self.image_shape
-            if block is None:
-                observed = torch.rand(int(batch_size), 1, h, w, generator=generator) >= p
+            if pattern == "blobs":
+                if block is not None:
+                    raise ValueError("block (missing square blocks) is for pattern 'pixels'; 'blobs' takes none")
+                mask = blob_masks(self.image_shape, p, int(batch_size), generator)
             else:
-                observed = _block_observed(int(batch_size), h, w, block, p, generator)
-            mask = observed.float().expand(-1, c, -1, -1).contiguous()
+                if block is None:
+                    observed = torch.rand(int(batch_size), 1, h, w, generator=generator) >= p
+                else:
+                    observed = _block_observed(int(batch_size), h, w, block, p, generator)
+                mask = observed.float().expand(-1, c, -1, -1).contiguous()
         self.mask = mask
 
     def _check_batch(self, batch: int, name: str) -> None:
@@ -898,11 +964,13 @@ def make_problem(
     generator: torch.Generator | None = None,
     kernel: Tensor | None = None,
     block: int | None = None,
+    mask: str = "pixels",
 ) -> Problem:
     """Degrade the clean images ``x`` ``(B, C, H, W)``: build the operator of problem ``name`` and draw ``y``.
 
     ``sigma``: noise std >= 0 on the 0-255 scale; ``level``: see :data:`LEVEL_MEANING` (inpainting: missing fraction,
-    one random mask per image as the official code; compressed sensing: ``m``, ``A`` with i.i.d. ``N(0, 1/m)``
+    one random mask per image as the official code, of independent pixels or, with ``mask="blobs"``, of random blobs
+    (:func:`blob_masks`, PnP-HVAE Table 3); compressed sensing: ``m``, ``A`` with i.i.d. ``N(0, 1/m)``
     entries; super-resolution: the factor); ``kernel``: the 2D kernel of ``blur`` and ``super_resolution``;
     ``block``: inpainting only, missing square blocks of this side instead of missing pixels (:class:`Inpainting`;
     AIPO §4.4 uses ``level=0.25, block=4``).
@@ -920,12 +988,17 @@ def make_problem(
         raise ValueError(f"{name} needs a 2D kernel (e.g. jpmap_core.data.load_kernels())")
     if name not in ("blur", "super_resolution") and kernel is not None:
         raise ValueError(f"{name} takes no kernel")
+    check_choice(mask, "mask", MASK_PATTERNS)
+    if name != "inpainting" and mask != "pixels":
+        raise ValueError(f"{name} takes no mask pattern (mask={mask!r} is for inpainting)")
     if name != "inpainting" and block is not None:
         raise ValueError(f"block (the side of missing square blocks) is an inpainting option; {name} takes none")
     if name == "denoising":
         op: LinearOperator = Denoising(shape)
     elif name == "inpainting":
-        op = Inpainting(image_shape=shape, missing=float(level), batch_size=x.shape[0], generator=g, block=block)
+        op = Inpainting(
+            image_shape=shape, missing=float(level), batch_size=x.shape[0], generator=g, block=block, pattern=mask
+        )
     elif name == "compressed_sensing":
         op = CompressedSensing(int(level), shape, generator=g)
     elif name == "blur":

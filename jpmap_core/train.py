@@ -13,6 +13,8 @@ Hierarchical VAE (``--arch hvae``, PnP-HVAE §6.2 PatchVDVAE): :func:`train_hvae
 training images of :func:`~jpmap_core.data.bsd_split` (``--dataset bsd_patches``) with the ELBO and per-group
 KLs, Adamax (the paper's optimizer, after Efficient-VDVAE) or AdamW, gradient clipping, skipping of updates whose
 gradient norm exceeds a threshold (VDVAE), and an exponential moving average of the weights (the exported weights).
+``--dataset celeba64`` trains the same model and loop on whole 64x64 CelebA training faces (optionally mirrored,
+``--hflip``; the face prior ``celeba64_hvae`` of PnP-HVAE's Table 1), its test ELBO on validation faces.
 It also runs under ``torchrun --nproc_per_node N -m jpmap_core.train ...`` (DistributedDataParallel; gloo on CPU,
 nccl on GPU): every process draws the whole batch's random numbers from the shared seeded generator and crops
 only its own rows, so N processes train the same weights as one (to float rounding of the gradient average).
@@ -46,7 +48,7 @@ from torch import Tensor, nn
 from . import __version__
 from ._checks import check_positive
 from ._io import atomic_write, atomic_write_json
-from .data import ImageSet, PatchSampler, load_bsd_split, load_mnist
+from .data import ImageSampler, ImageSet, PatchSampler, load_bsd_split, load_mnist
 from .models import HVAE, CAEHyperprior, GaussianVAE, build_model
 
 
@@ -365,14 +367,36 @@ HVAE_CLI_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: command-line defaults of ``--arch hvae --dataset celeba64`` (the face prior ``celeba64_hvae`` of PnP-HVAE's Table 1,
+#: trained on whole 64x64 faces): resolutions 64, 32, 16, 8, 4 with latent groups at 32 and coarser (L = 7); the
+#: recipe and its measured cost are in benchmarks/results_hvae_training_cpu.json (bench_hvae_training.py): 319k
+#: parameters, 30 x 500 steps of 16 faces, about 0.43 CPU s per step on one thread, i.e. about 2 h of one idle core
+HVAE_FACE_CLI_DEFAULTS: dict[str, Any] = {
+    "epochs": 30,
+    "lr": 1e-3,
+    "batch_size": 16,
+    "model": {
+        "widths": [24, 48, 64, 96, 96],
+        "groups": [0, 1, 2, 2, 2],
+        "latent_channels": [3, 4, 6, 8, 8],
+        "enc_blocks": [1, 1, 1, 2, 2],
+        "gamma_init": 0.03,
+    },
+}
+#: datasets of ``--arch hvae``: random multi-scale patches of BSD, or whole CelebA 64x64 faces
+HVAE_DATASETS = ("bsd_patches", "celeba64")
+FACE_SIZE = 64
+
 PATCH_SCALES = (1.0, 0.5, 0.25)  # HR, x2 and x4 downsampled (PnP-HVAE §6.2)
 TEST_PATCH_SEED = 12345
 N_TEST_PATCHES = 512
 
 
 def hvae_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the hierarchical VAE recipe's defaults filled in (fields left ``None``)."""
-    filled = {k: v for k, v in HVAE_DEFAULTS.items() if getattr(cfg, k) is None}
+    """``cfg`` with the hierarchical VAE recipe's defaults filled in (fields left ``None``; whole faces: the image
+    size 64 as ``patch_size``)."""
+    defaults = dict(HVAE_DEFAULTS, patch_size=FACE_SIZE) if cfg.dataset == "celeba64" else HVAE_DEFAULTS
+    filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     return replace(cfg, **filled)
 
 
@@ -385,8 +409,13 @@ def load_patch_data(
     Test patches: ``n_test`` (default 512) patches of the test images at the same scales, without flips,
     from a generator seeded with 12345 (the same set for every run).
     """
+    if cfg.dataset == "celeba64":
+        return load_face_data(cfg, data)
     if cfg.dataset != "bsd_patches" and data is None:
-        raise ValueError(f"patch priors (hvae, cae_hyperprior) train on dataset 'bsd_patches', got {cfg.dataset!r}")
+        raise ValueError(
+            f"patch priors train on dataset 'bsd_patches' (cae_hyperprior) or 'bsd_patches' / 'celeba64' (hvae), got "
+            f"{cfg.dataset!r}"
+        )
     train_set, test_set = data if data is not None else load_bsd_split(cfg.data_root)
     train_images = train_set.images if isinstance(train_set.images, list) else list(train_set.images[:, None])
     test_images = test_set.images if isinstance(test_set.images, list) else list(test_set.images[:, None])
@@ -410,6 +439,49 @@ def load_patch_data(
         "augmentation": "random scale (uniform), image, position; flips and 90-degree rotations (8 symmetries)",
     }
     return sampler, test, meta
+
+
+def load_face_data(
+    cfg: TrainConfig, data: tuple[ImageSet, ImageSet] | None = None
+) -> tuple[ImageSampler, Tensor, dict]:
+    """Training sampler of whole faces, fixed held-out faces and the data description of a manifest
+    (``--dataset celeba64``).
+
+    ``data`` (``(train, held_out)`` image sets) defaults to the official CelebA partition of
+    :func:`~jpmap_core.data.load_celeba64`: the training faces (partition 0; 4,560 in the offline npz) are drawn
+    uniformly with replacement, mirrored with probability 1/2 when ``cfg.hflip``; the test ELBO of the log is that of
+    the first ``n_test`` (default 512) **validation** faces (partition 1), so the test faces (partition 2) that the
+    restoration notebooks use are never read.
+    """
+    from .data import load_celeba64
+
+    if data is None:
+        train_set, held_out = load_celeba64("train", cfg.data_root), load_celeba64("val", cfg.data_root)
+    else:
+        train_set, held_out = data
+    for role, s in (("training", train_set), ("held-out", held_out)):
+        if s.ragged or tuple(s.images.shape[-2:]) != (cfg.patch_size, cfg.patch_size):
+            shape = "ragged" if s.ragged else tuple(s.images.shape[1:])
+            raise ValueError(
+                f"the {role} faces must be one (N, C, {cfg.patch_size}, {cfg.patch_size}) tensor (whole images of "
+                f"the prior's size, patch_size={cfg.patch_size}), got {shape}"
+            )
+    n_test = min(cfg.n_test or N_TEST_PATCHES, len(held_out))
+    names = list(train_set.names or [])
+    meta = {
+        "data_source": train_set.source,
+        "test_source": held_out.source,
+        "split_rule": "official CelebA partition: train = every partition-0 face; test ELBO on the first n_test "
+        "validation (partition 1) faces; the test faces (partition 2) are never read",
+        "train_images": f"{len(names)} faces {names[0]} .. {names[-1]} (sorted file names)" if names else None,
+        "test_images": list((held_out.names or [])[:n_test]),
+        "n_train": len(train_set),
+        "n_test": n_test,
+        "n_test_patches": n_test,
+        "image_size": cfg.patch_size,
+        "augmentation": "horizontal flip with probability 1/2" if cfg.hflip else "none",
+    }
+    return ImageSampler(train_set.images, hflip=cfg.hflip), held_out.images[:n_test].contiguous(), meta
 
 
 @torch.no_grad()
@@ -1061,6 +1133,7 @@ def _hvae_manifest_entry(cfg: TrainConfig, vae: HVAE, log: list[dict[str, Any]],
             "exported_weights": "EMA",
             "seed": cfg.seed,
             "patch_size": cfg.patch_size,
+            "hflip": cfg.hflip,
             "gamma_init": vae.gamma_init,
             "gamma_learned": vae.learn_gamma,
         },
@@ -1127,6 +1200,8 @@ def _hvae_cli_args(cfg: TrainConfig) -> list[str]:
     args += ["--skip-threshold", f"{cfg.skip_threshold:g}", "--ema-rate", f"{cfg.ema_rate:g}", "--seed", str(cfg.seed)]
     if cfg.n_test is not None:
         args += ["--n-test", str(cfg.n_test)]
+    if cfg.hflip:
+        args.append("--hflip")
     return args
 
 
@@ -1180,7 +1255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=None, help=f"hvae: number of test patches ({N_TEST_PATCHES})")
     p.add_argument("--hflip", action="store_true")
     p.add_argument("--data-root", default=None)
-    h = p.add_argument_group("hierarchical VAE (--arch hvae, --dataset bsd_patches)")
+    h = p.add_argument_group("hierarchical VAE (--arch hvae, --dataset bsd_patches | celeba64)")
     h.add_argument("--patch-size", type=int, default=None, help=f"default {HVAE_DEFAULTS['patch_size']}")
     h.add_argument("--groups", default=None, help="latent groups per resolution, finest first, e.g. 0,2,2,2")
     h.add_argument("--latent-channels", default=None, help="latent channels per resolution, finest first")
@@ -1222,13 +1297,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     arch = a.arch or {"mnist": "mlp", "celeba64": "conv", "celeba32": "realnvp", "bsd_patches": "hvae"}[a.dataset]
-    patch_arch = arch in ("hvae", CAEHyperprior.arch)
-    if patch_arch != (a.dataset == "bsd_patches"):
+    cae = CAEHyperprior.arch
+    if (
+        (arch == "hvae" and a.dataset not in HVAE_DATASETS)
+        or (arch == cae and a.dataset != "bsd_patches")
+        or (a.dataset == "bsd_patches" and arch not in ("hvae", cae))
+    ):
         p.error(
-            f"--arch hvae and cae_hyperprior train on --dataset bsd_patches (and only they); got --arch {arch} "
-            f"--dataset {a.dataset}"
+            f"--arch hvae trains on --dataset {' or '.join(HVAE_DATASETS)}, --arch {cae} on bsd_patches, and "
+            f"bsd_patches is only for those two; got --arch {arch} --dataset {a.dataset}"
         )
-    if arch != CAEHyperprior.arch and (a.channels is not None or a.lmbda is not None):
+    if arch != cae and (a.channels is not None or a.lmbda is not None):
         p.error("--channels and --lmbda are options of --arch cae_hyperprior")
     if arch == "hvae":
         cfg = _hvae_cli_config(p, a)
@@ -1292,10 +1371,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hvae_cli_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> TrainConfig:
-    if a.latent_dim is not None or a.fc_dim is not None or a.n_train is not None or a.hflip:
+    faces = a.dataset == "celeba64"
+    if a.latent_dim is not None or a.fc_dim is not None or a.n_train is not None or (a.hflip and not faces):
         p.error("--latent-dim, --fc-dim, --n-train and --hflip are not options of --arch hvae "
-                "(see --latent-channels, --groups, --widths; patches are always flipped and rotated)")  # fmt: skip
-    d = HVAE_CLI_DEFAULTS
+                "(see --latent-channels, --groups, --widths; patches are always flipped and rotated; --hflip "
+                "only for --dataset celeba64)")  # fmt: skip
+    if faces and a.patch_size not in (None, FACE_SIZE):
+        p.error(f"--dataset celeba64 trains on whole {FACE_SIZE}x{FACE_SIZE} faces: --patch-size must be {FACE_SIZE}")
+    d = HVAE_FACE_CLI_DEFAULTS if faces else HVAE_CLI_DEFAULTS
     model: dict[str, Any] = {"arch": "hvae", **d["model"]}
     for key in ("widths", "groups", "latent_channels", "enc_blocks"):
         if getattr(a, key) is not None:
@@ -1306,14 +1389,14 @@ def _hvae_cli_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> Train
         model["gamma_init"] = a.gamma_init
     if a.fixed_gamma:
         model["learn_gamma"] = False
-    patch = a.patch_size or HVAE_DEFAULTS["patch_size"]
+    patch = a.patch_size or (FACE_SIZE if faces else HVAE_DEFAULTS["patch_size"])
     model["image_shape"] = [3, patch, patch]
     cfg = TrainConfig(
         name=a.name, dataset=a.dataset, model=model, sigma_dvae=0.0 if a.sigma_dvae is None else a.sigma_dvae,
         epochs=d["epochs"] if a.epochs is None else a.epochs, lr=d["lr"] if a.lr is None else a.lr,
         batch_size=d["batch_size"] if a.batch_size is None else a.batch_size, seed=a.seed, n_test=a.n_test,
-        data_root=a.data_root, patch_size=patch, steps_per_epoch=a.steps_per_epoch, optimizer=a.optimizer,
-        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, grad_clip=a.grad_clip,
+        hflip=a.hflip, data_root=a.data_root, patch_size=patch, steps_per_epoch=a.steps_per_epoch,
+        optimizer=a.optimizer, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, grad_clip=a.grad_clip,
         skip_threshold=a.skip_threshold, ema_rate=a.ema_rate,
     )  # fmt: skip
     return hvae_config(cfg)

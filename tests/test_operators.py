@@ -684,3 +684,48 @@ def test_make_problem_needs_exactly_one_source_of_randomness():
         make_problem("denoising", x, sigma=10)
     with pytest.raises(ValueError, match="exactly one of seed"):
         make_problem("denoising", x, sigma=10, seed=0, generator=torch.Generator())
+
+
+# ---- masks that hide small objects (PnP-HVAE Table 3) ---------------------------------------------------------------
+def test_blob_masks_hide_the_requested_fraction_within_one_blob():
+    from jpmap_core.operators import BLOB_AXES, blob_masks
+
+    h, w = 100, 150
+    masks = blob_masks((3, h, w), 0.1, batch_size=4, generator=gen(0))
+    assert masks.shape == (4, 3, h, w) and bool(((masks == 0) | (masks == 1)).all())
+    assert torch.equal(masks[:, :1].expand_as(masks), masks)  # whole pixels
+    hidden = 1 - masks[:, 0].flatten(1).mean(1)
+    one_blob = math.pi * (BLOB_AXES[1] * min(h, w)) ** 2 / (h * w)
+    assert bool((hidden >= 0.1).all()) and bool((hidden < 0.1 + one_blob).all())
+    # blobs, not scattered pixels: most hidden pixels have hidden 4-neighbours on both sides horizontally
+    m = masks[:, 0] == 0
+    inner = m[:, :, 1:-1] & m[:, :, :-2] & m[:, :, 2:]
+    assert float(inner.sum()) > 0.4 * float(m[:, :, 1:-1].sum())  # independent pixels: about 0.01
+
+
+def test_blob_masks_are_seeded_and_differ_between_images():
+    from jpmap_core.operators import blob_masks
+
+    a = blob_masks((1, 40, 40), 0.1, batch_size=3, generator=gen(5))
+    assert torch.equal(a, blob_masks((1, 40, 40), 0.1, batch_size=3, generator=gen(5)))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
+    assert not torch.equal(a, blob_masks((1, 40, 40), 0.1, batch_size=3, generator=gen(6)))
+    assert bool((blob_masks((1, 8, 8), 0.0, generator=gen(0)) == 1).all())
+
+
+def test_make_problem_draws_blob_masks_for_inpainting_and_refuses_them_elsewhere():
+    from jpmap_core.operators import make_problem
+
+    x = torch.rand(2, 3, 32, 48, generator=gen(0))
+    p = make_problem("inpainting", x, sigma=3.0, level=0.1, seed=1, mask="blobs")
+    q = make_problem("inpainting", x, sigma=3.0, level=0.1, seed=1, mask="blobs")
+    assert torch.equal(p.op.mask, q.op.mask) and torch.equal(p.y, q.y) and p.op.mask.shape == (2, 3, 32, 48)
+    assert bool((1 - p.op.mask[:, 0].flatten(1).mean(1) >= 0.1).all())
+    with pytest.raises(ValueError, match="unknown mask 'stripes'"):
+        make_problem("inpainting", x, sigma=3.0, level=0.1, seed=1, mask="stripes")
+    with pytest.raises(ValueError, match="takes no mask pattern"):
+        make_problem("denoising", x, sigma=3.0, seed=1, mask="blobs")
+    with pytest.raises(ValueError, match="missing"):
+        Inpainting(image_shape=(3, 8, 8), missing=1.5, pattern="blobs")
+    with pytest.raises(ValueError, match="give either mask or missing"):
+        Inpainting(torch.ones(1, 1, 4, 4), pattern="blobs")

@@ -31,10 +31,15 @@ TINY = {
     "aipo": {"K": 2, "n_mle": 3, "max_rounds": 3},
     "aipo_baseline": {"budget": 8, "n_mle": 3},
     "aipo_latent": {"K": 2, "n_mle": 3, "max_rounds": 3},
+    "wiener": {},
+    "tv": {"max_iters": 5, "prox_iters": 20},
+    "epll": {"betas": [1e3, 1e4]},
 }
 #: solvers that need another prior than the flat MLP VAE (aipo_latent takes the VAE, its latent problem is CSGM's)
 PRIOR_OF = {"pnp_hvae": "hvae", "adam_j1": "hvae", "aipo": "flow", "aipo_baseline": "flow"}
 PRIOR_OF.update({"vble[prior=cae]": "cae", "vble_xz[prior=cae]": "cae"})
+#: the classical baselines: no learned prior (None), or EPLL's patch mixture (not a Prior: no latent, z is (B, 0))
+PRIOR_OF.update(wiener="none", tv="none", epll="gmm")
 #: variants of a registered solver run through the same contract: name -> (registered name, options)
 VARIANTS = {
     "csgm[z_optimizer=lm]": ("csgm", dict(TINY["csgm"], z_optimizer="lm")),
@@ -77,10 +82,23 @@ def name() -> str:
     return "csgm"
 
 
+@pytest.fixture(scope="module")
+def tiny_gmm():
+    """A 3-component mixture of 3x3 grey patches (random covariances), EPLL's prior."""
+    from jpmap_core.models import PatchGMM
+
+    g = torch.Generator().manual_seed(0)
+    gmm = PatchGMM(n_components=3, patch_size=3, channels=1)
+    a = torch.randn(3, 9, 9, generator=g, dtype=torch.float64)
+    gmm.covariances.copy_(a @ a.transpose(1, 2) / 9 + 0.01 * torch.eye(9))
+    return gmm
+
+
 @pytest.fixture
-def prior(name, tiny_priors):
+def prior(name, tiny_priors, tiny_gmm):
     """The tiny prior solver ``name`` accepts (:data:`PRIOR_OF`)."""
-    return tiny_priors[PRIOR_OF.get(name, "vae")]
+    kind = PRIOR_OF.get(name, "vae")
+    return {"none": None, "gmm": tiny_gmm}[kind] if kind in ("none", "gmm") else tiny_priors[kind]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +114,9 @@ def problems():
 
 @pytest.fixture
 def problem(prior, problems):
-    return problems[tuple(prior.image_shape)]
+    """The problem of the prior's image shape (the tiny 1x8x8 one for the classical baselines, whose prior is ``None``
+    or a patch mixture with no image shape)."""
+    return problems[tuple(getattr(prior, "image_shape", SHAPE))]
 
 
 def _solve(name, prior, y, op, sigma):
@@ -109,7 +129,7 @@ def test_every_registered_solver_has_tiny_options():
 
 
 def test_the_priors_of_these_tests_offer_the_prior_interface(tiny_priors):
-    assert set(PRIOR_OF) <= set(CASES) and set(PRIOR_OF.values()) <= set(tiny_priors)
+    assert set(PRIOR_OF) <= set(CASES) and set(PRIOR_OF.values()) <= set(tiny_priors) | {"none", "gmm"}
     assert all(isinstance(p, Prior) for p in tiny_priors.values())
     assert tiny_priors["vae"].latent_shape == (3,) and tiny_priors["hvae"].latent_shape == (2 * 64 + 2 * 3 * 16,)
     assert tiny_priors["flow"].latent_shape == SHAPE
@@ -123,7 +143,7 @@ def test_solver_returns_a_wellformed_restoration(name, prior, problem):
     B = x_true.shape[0]
     assert isinstance(r, Restoration) and len(r) == B
     assert r.x.shape == x_true.shape and r.x_decoded.shape == x_true.shape
-    assert r.z.shape == (B, *prior.latent_shape)
+    assert r.z.shape == (B, *getattr(prior, "latent_shape", (0,)))  # the classical baselines have no latent
     assert r.converged.shape == (B,) and r.converged.dtype == torch.bool
     assert r.iterations.shape == (B,) and not r.iterations.is_floating_point() and bool((r.iterations >= 0).all())
     for t in (r.x, r.x_decoded, r.z):
@@ -152,7 +172,7 @@ def test_solver_batched_equals_alone(name, prior, problem):
 @pytest.mark.parametrize("name", CASES)
 def test_solver_per_image_sigma_equals_each_sigma_alone(name, prior):
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(2, *prior.image_shape, generator=g, dtype=torch.float64)
+    x = torch.rand(2, *getattr(prior, "image_shape", SHAPE), generator=g, dtype=torch.float64)
     sigmas = torch.tensor([5.0, 40.0])
     y = torch.cat([make_problem("denoising", x[i : i + 1], sigma=float(s), seed=i).y for i, s in enumerate(sigmas)])
     op = make_problem("denoising", x, sigma=1.0, seed=0).op
@@ -182,5 +202,5 @@ def test_solver_refuses_bad_input_with_a_clear_message(name, prior, problem):
 
 def test_solve_names_the_registered_methods_for_an_unknown_one(prior, problem):
     _, p = problem
-    with pytest.raises(ValueError, match="registered solvers: .*csgm, jpmap"):
+    with pytest.raises(ValueError, match="registered solvers: .*csgm, .*jpmap"):
         solve("pnp", p.y, p.op, prior, sigma=10)

@@ -246,3 +246,88 @@ def test_the_cli_default_architecture_is_the_models_default():
 
     default = HVAE().config()
     assert {k: default[k] for k in HVAE_CLI_DEFAULTS["model"]} == HVAE_CLI_DEFAULTS["model"]
+
+
+# ---- the face prior: whole 64x64 CelebA faces (celeba64_hvae) ------------------------------------------------
+def _faces(n: int, seed: int, size: int = 8) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, size // 2, size // 2, generator=g)
+    images = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return ImageSet(images, "synthetic faces", names=[f"{seed}{i:05d}.jpg" for i in range(n)])
+
+
+def _face_cfg(**kw) -> TrainConfig:
+    return _cfg(**{"name": "tiny_face_hvae", "dataset": "celeba64", "hflip": True, **kw})
+
+
+def test_image_sampler_draws_whole_images_flipped_left_right_and_seeded():
+    from jpmap_core.data import ImageSampler
+
+    ramp = torch.arange(16.0).reshape(1, 1, 4, 4).expand(2, 3, 4, 4) + torch.tensor([0.0, 16.0])[:, None, None, None]
+    s = ImageSampler(ramp / 32, hflip=True)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    full = s.draw(40, g1)
+    assert torch.equal(s.draw(40, g2, slice(5, 9)), full[5:9]) and torch.equal(g1.get_state(), g2.get_state())
+    distinct = {tuple(x.flatten().tolist()) for x in full}
+    expected = {tuple(v.flatten().tolist()) for im in ramp / 32 for v in (im, im.flip(-1))}
+    assert distinct == expected  # both images, each as is and mirrored, nothing else (no rotation, no crop)
+    plain = ImageSampler(ramp / 32, hflip=False).draw(40, torch.Generator().manual_seed(0))
+    assert {tuple(x.flatten().tolist()) for x in plain} == {tuple(im.flatten().tolist()) for im in ramp / 32}
+
+
+def test_face_hvae_trains_on_whole_images_and_resumes_bitwise(tmp_path):
+    from jpmap_core.train import load_patch_data, manifest_entry
+
+    data = (_faces(12, 0), _faces(5, 1))
+    model, log = train_hvae(_face_cfg(epochs=2), tmp_path / "a", data=data, progress=False)
+    assert isinstance(model, HVAE) and model.image_shape == (3, 8, 8) and log[-1]["step"] == 12
+    train_hvae(_face_cfg(epochs=1), tmp_path / "b", data=data, progress=False)
+    train_hvae(_face_cfg(epochs=2), tmp_path / "b", resume=True, data=data, progress=False)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part} {k} differs after resume"
+    with pytest.raises(ValueError, match="hflip"):
+        train_hvae(_face_cfg(epochs=3, hflip=False), tmp_path / "b", resume=True, data=data, progress=False)
+    meta = load_patch_data(_face_cfg(), data)[2]
+    assert meta["n_train"] == 12 and meta["n_test"] == 5 and "partition 2" in meta["split_rule"]
+    entry = manifest_entry(_face_cfg(epochs=2), model, log, meta)
+    assert entry["recipe"]["hflip"] is True and "--dataset celeba64" in entry["command"]
+    assert "--hflip" in entry["command"]
+    with pytest.raises(ValueError, match="whole images of the prior's size"):
+        load_patch_data(_face_cfg(patch_size=16), data)
+
+
+@pytest.fixture(scope="module")
+def celeba_root() -> Path:
+    from jpmap_core.data import DataNotFoundError, load_celeba64, resolve_root
+
+    try:
+        load_celeba64("val", limit=1)
+    except DataNotFoundError as e:
+        pytest.skip("needs the CelebA 64x64 faces: " + " ".join(str(e).split()))
+    return resolve_root()
+
+
+def test_cli_trains_the_face_hvae_on_the_training_partition_only(tmp_path, celeba_root):
+    rc = main(["--name", "cli_face_hvae", "--arch", "hvae", "--dataset", "celeba64", "--hflip", "--widths", "4,4,4,4,6",
+               "--groups", "0,0,0,1,1", "--latent-channels", "2,2,2,2,2", "--enc-blocks", "1,1,1,1,1", "--epochs", "1",
+               "--steps-per-epoch", "2", "--batch-size", "2", "--n-test", "4", "--data-root", str(celeba_root),
+               "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "w"), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    e = json.loads((tmp_path / "w" / "manifest.json").read_text())["cli_face_hvae"]
+    assert e["model"]["image_shape"] == [3, 64, 64] and e["data"]["dataset"] == "celeba64"
+    assert e["data"]["n_train"] == 4560 and "partition 'train'" in e["data"]["data_source"]
+    assert "partition 'val'" in e["data"]["test_source"] and len(e["data"]["test_images"]) == 4
+    assert "--hflip" in e["command"] and "--patch-size 64" in e["command"]
+
+
+def test_cli_refuses_face_options_that_do_not_fit(capsys):
+    with pytest.raises(SystemExit):
+        main(["--name", "x", "--arch", "hvae", "--dataset", "celeba64", "--patch-size", "32"])
+    assert "whole 64x64 faces" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--name", "x", "--dataset", "bsd_patches", "--hflip"])
+    with pytest.raises(SystemExit):
+        main(["--name", "x", "--arch", "hvae", "--dataset", "mnist"])

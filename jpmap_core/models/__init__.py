@@ -1,7 +1,7 @@
 """Priors: the :class:`Prior` interface every solver uses, a Gaussian VAE base, the MNIST (MLP) and CelebA (conv)
 architectures of JPMAP §3.1, the hierarchical VAE of PnP-HVAE (:class:`HVAE`, §6.2 PatchVDVAE) and the normalizing
-flows of AIPO (:class:`RealNVP`, :class:`Glow`) and the compressive autoencoder with a scale hyperprior of VBLE
-(:class:`CAEHyperprior`)."""
+flows of AIPO (:class:`RealNVP`, :class:`Glow`), the compressive autoencoder with a scale hyperprior of VBLE
+(:class:`CAEHyperprior`) and EPLL's patch Gaussian mixture (:class:`PatchGMM`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from .cae import CAEAtSize, CAEHyperprior
 from .conv import ConvVAE
 from .flow import Flow, Glow, RealNVP
+from .gmm import PatchGMM
 from .hvae import HVAE, HVAEAtSize, check_temperature, linear_temperature, tempered_mean
 from .mlp import MLPVAE
 from .prior import Prior, check_prior, latent_numel
@@ -20,6 +21,7 @@ from .vae import GaussianVAE
 #: architecture name (``config()["arch"]``) -> prior module class
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPVAE, "conv": ConvVAE, "hvae": HVAE}
 ARCHITECTURES.update(realnvp=RealNVP, glow=Glow, cae_hyperprior=CAEHyperprior)
+ARCHITECTURES.update(gmm=PatchGMM)
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -40,3 +42,4 @@ __all__ = [
     "check_prior", "check_temperature", "latent_numel", "linear_temperature", "tempered_mean",
 ]  # fmt: skip
 __all__ += ["CAEAtSize", "CAEHyperprior", "Flow", "Glow", "RealNVP"]
+__all__ += ["PatchGMM"]

@@ -36,6 +36,13 @@ The JPMAP-family solvers (``csgm``, ``jpmap``, ``mapz_splitting``) also accept a
   budget); ``"aipo_latent"`` -- :func:`aipo_latent`, Algorithm 2's schedule on CSGM's latent energy
   ``||A G(z) - y||^2 + lambda ||z||^2`` (our extension to the VAE priors)
 
+Classical baselines of PnP-HVAE's Tables 2-3 (no latent: ``z`` is ``(B, 0)``, ``x_decoded`` is ``x``):
+
+* ``"wiener"`` -- :func:`wiener`, Wiener filter with a ``1/f^2`` Gaussian prior (``prior=None``)
+* ``"tv"`` -- :func:`tv`, total variation by MFISTA with deepinv's TV prox (``prior=None``)
+* ``"epll"`` -- :func:`epll`, EPLL (Zoran & Weiss 2011) with deepinv, ``prior`` a
+  :class:`~jpmap_core.models.PatchGMM` (``bsd_patch_gmm``)
+
 :class:`AdamPool` / :func:`adam_minimize` (batched Adam with per-image moments and stopping) are the latent
 descents the solvers share, exported for experiments that run their own descents.
 
@@ -52,10 +59,13 @@ from torch import Tensor
 from ._common import AdamPool, Restoration, adam_minimize
 from .aipo import aipo, aipo_baseline, aipo_latent, mle_start
 from .csgm import csgm
+from .epll import epll
 from .jpmap import jpmap
 from .pnp_hvae import adam_j1, pnp_hvae
 from .splitting import mapz_splitting
+from .tv import tv
 from .vble import posterior_samples, vble, vble_xz
+from .wiener import wiener
 
 Solver = Callable[..., Restoration]
 
@@ -64,6 +74,7 @@ SOLVERS: dict[str, Solver] = {"csgm": csgm, "jpmap": jpmap, "mapz_splitting": ma
 SOLVERS.update(vble=vble, vble_xz=vble_xz)
 SOLVERS.update(pnp_hvae=pnp_hvae, adam_j1=adam_j1)
 SOLVERS.update(aipo=aipo, aipo_baseline=aipo_baseline, aipo_latent=aipo_latent)
+SOLVERS.update(wiener=wiener, tv=tv, epll=epll)
 
 
 def solve(method: str, y: Tensor, op: Any, prior: Any, *, sigma: Any, **options: Any) -> Restoration:
@@ -77,3 +88,4 @@ __all__ = ["SOLVERS", "AdamPool", "Restoration", "Solver", "adam_minimize", "csg
 __all__ += ["posterior_samples", "vble", "vble_xz"]
 __all__ += ["adam_j1", "pnp_hvae"]
 __all__ += ["aipo", "aipo_baseline", "aipo_latent", "mle_start"]
+__all__ += ["epll", "tv", "wiener"]
