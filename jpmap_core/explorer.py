@@ -439,15 +439,18 @@ def load_images(name: str, n: int = N_IMAGES) -> Tensor:
 
 
 def shipped_priors(image_shape: tuple[int, ...] | None = None) -> list[str]:
-    """Names of the shipped priors (``data/pretrained/manifest.json``) whose images have ``image_shape`` (all: None)."""
+    """Names of the shipped image priors (``data/pretrained/manifest.json``) whose images have ``image_shape`` (all:
+    None). Priors trained on whole images of a data set come first, in name order; patch priors of natural images
+    (trained on ``bsd_patches``, fully convolutional, so they fit any shape they tile) come after them. Entries with
+    no image shape (EPLL's patch mixture ``bsd_patch_gmm``, which no image solver takes as its prior) are left out."""
     from .pretrained import load_manifest
 
     out = []
     for name, entry in load_manifest().items():
         shape = tuple(entry.get("model", {}).get("image_shape", ()))
-        if image_shape is None or shape == tuple(image_shape):
-            out.append(name)
-    return sorted(out)
+        if shape and (image_shape is None or shape == tuple(image_shape)):
+            out.append((entry.get("data", {}).get("dataset") == "bsd_patches", name))
+    return [name for _, name in sorted(out)]
 
 
 def image_from_bytes(data: bytes, image_shape: tuple[int, int, int], *, invert: bool = False) -> Tensor:

@@ -112,6 +112,8 @@ def test_shipped_priors_are_filtered_by_the_image_shape():
     faces = E.shipped_priors((3, 64, 64))
     assert "celeba64_conv_dvae15" in faces and not set(faces) & set(mnist)
     assert set(mnist) < set(E.shipped_priors())
+    assert "bsd_patch_gmm" not in E.shipped_priors()  # no image shape: not a prior of the image solvers
+    assert faces[0] == "celeba64_conv_dvae15" and faces[-1] == "bsd_cae_hyperprior"  # natural-image patch priors last
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------------
@@ -266,8 +268,9 @@ def test_the_widget_runs_pins_samples_and_shows_errors_as_text(prior):
     assert ex.error.startswith("Invalid setting: max_iters must be an integer >= 1")
     assert "Traceback" not in ex.error_box.value and "max_iters" in ex.error_box.value
 
-    ex.data.value = "celeba64"  # priors follow the data
-    assert list(ex.prior.options) == ["celeba64_conv_dvae15"]
+    ex.data.value = "celeba64"  # priors follow the data: the face prior first, then the natural-image patch priors
+    assert list(ex.prior.options) == E.shipped_priors((3, 64, 64))
+    assert ex.prior.options[0] == "celeba64_conv_dvae15" and ex.prior.value == "celeba64_conv_dvae15"
     ex.clear_pins()
     assert not ex.pinned and not ex.pins_box.children
 
