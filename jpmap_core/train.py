@@ -332,6 +332,30 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     atomic_write(_checkpoint_path(run_dir), lambda tmp: torch.save(state, tmp))
 
 
+def _save_step_run(
+    run_dir: Path, cfg: TrainConfig, model: nn.Module, ema: nn.Module, opt: Any, gen: torch.Generator,
+    epoch: int, step: int, skipped_total: int, log: list[dict[str, Any]], meta: dict[str, Any],
+) -> None:  # fmt: skip
+    """End of an epoch of the step-based loops (hierarchical VAE, compressive autoencoder): the checkpoint (weights,
+    EMA, optimiser, generator, counters, log, recipe) and ``log.json``, each written atomically."""
+    _save_checkpoint(
+        run_dir,
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "epoch": epoch,
+            "step": step,
+            "skipped": skipped_total,
+            "log": json.dumps(log),
+            "config": json.dumps(asdict(cfg)),
+            "meta": json.dumps(meta),
+        },
+    )
+    atomic_write_json(run_dir / "log.json", {"meta": meta, "epochs": log})
+
+
 def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
     return torch.load(_checkpoint_path(run_dir), map_location="cpu", weights_only=True)
 
@@ -663,22 +687,7 @@ def train_hvae(
                 "images_per_s": n_images / seconds,
             }
             log.append(entry)
-            _save_checkpoint(
-                run_dir,
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "skipped": skipped_total,
-                    "log": json.dumps(log),
-                    "config": json.dumps(asdict(cfg)),
-                    "meta": json.dumps(meta),
-                },
-            )
-            atomic_write_json(run_dir / "log.json", {"meta": meta, "epochs": log})
+            _save_step_run(run_dir, cfg, model, ema, opt, gen, epoch + 1, step, skipped_total, log, meta)
             kls = " ".join(f"{v:.1f}" for v in train_kl)
             print(
                 f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs} step {step}  train ELBO {train_elbo / d:.4f}/dim  "
@@ -853,22 +862,7 @@ def train_cae(
             "images_per_s": n_images / seconds,
         }
         log.append(entry)
-        _save_checkpoint(
-            run_dir,
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "epoch": epoch + 1,
-                "step": step,
-                "skipped": skipped_total,
-                "log": json.dumps(log),
-                "config": json.dumps(asdict(cfg)),
-                "meta": json.dumps(meta),
-            },
-        )
-        atomic_write_json(run_dir / "log.json", {"meta": meta, "epochs": log})
+        _save_step_run(run_dir, cfg, model, ema, opt, gen, epoch + 1, step, skipped_total, log, meta)
         print(
             f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs} step {step}  train loss {entry['train_loss']:.4f} "
             f"({entry['train_bpp']:.3f} bpp, {entry['train_psnr']:.2f} dB)  test {test['bpp']:.3f} bpp "
