@@ -35,7 +35,8 @@ the notebook seed, the dataset and the task (:func:`task_seed`): the operator (m
 
 **Scores** (:func:`table_rows`, :func:`claims`): PSNR, SSIM (LPIPS where its weights are installed, else ``None``) of
 the restorations clamped to [0, 1]; the data-fit ratio ``||A x - y|| / (sigma sqrt(m))`` (1 for an estimate that
-fits ``y`` up to the noise, the truth's is about 1; ``m`` measurements per face), and the seconds per face of one
+fits ``y`` up to the noise, the truth's is about 1, below 1 for one that fits the noise too; ``m`` measurements per
+face, the observed pixels for inpainting), and the seconds per face of one
 batched solver call per method and task on the machine that ran it.
 """
 
@@ -216,8 +217,13 @@ class TaskRun:
 
 
 def _residual_ratio(op: LinearOperator, x: Tensor, y: Tensor, sigma: float) -> Tensor:
-    m = y[0].numel()
-    return (op.A(x) - y).flatten(1).norm(dim=1) / (sigma / 255 * math.sqrt(m))
+    """``||A x - y|| / (sigma sqrt(m))`` per face; for inpainting over the ``m`` observed entries only (``y`` holds
+    pure noise where pixels are missing, which no estimate can fit)."""
+    r = op.A(x) - y
+    if isinstance(op, Inpainting):
+        mask = op.mask.expand_as(r)
+        return (mask * r).flatten(1).norm(dim=1) / (sigma / 255 * mask.flatten(1).sum(dim=1).sqrt())
+    return r.flatten(1).norm(dim=1) / (sigma / 255 * math.sqrt(y[0].numel()))
 
 
 def _observation(op: LinearOperator, y: Tensor, shape: Sequence[int]) -> Tensor:
