@@ -282,7 +282,7 @@ def restore_task(
     ``config.yaml``); ``vae``: the Gaussian VAE of ``jpmap`` and ``csgm`` under ``budget`` (required when one of them
     is asked). ``cache``: a folder of finished calls (:class:`~jpmap_core.cache.CallCache`, keyed by the prior's
     weights, the method, its options, the operator and ``y``), so that a stopped run resumes; a cached call keeps
-    the seconds it took.
+    the seconds it took. The solvers run on each prior's device (``y`` is moved there); results come back to the CPU.
     """
     if x_true.ndim != 4 or x_true.shape[0] < 1:
         raise ValueError(f"x_true must be (B, C, H, W) faces with B >= 1, got shape {tuple(x_true.shape)}")
@@ -325,8 +325,11 @@ def restore_task(
                 part, meta = hit
                 run.cached_chunks[m] += 1
             else:
+                dev = next(prior.parameters()).device  # the operators follow y's device (masks moved lazily)
                 t0 = time.perf_counter()
-                r = _solve(m, y_r, op_r, prior, task, budget, hopts, lr)
+                r = _solve(m, y_r.to(dev), op_r, prior, task, budget, hopts, lr)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
                 meta = {"seconds": time.perf_counter() - t0, "method": m}
                 part = {
                     "x": r.x.detach().clamp(0, 1).cpu(),
