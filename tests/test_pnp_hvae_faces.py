@@ -72,6 +72,8 @@ def test_every_task_restores_the_same_observation_with_every_method(runs, x):
             assert run.residual[m].shape == (3,) and bool(torch.isfinite(run.residual[m]).all())
             assert run.seconds[m] > 0 and run.cached_chunks[m] == 0
         assert int(run.iterations["pnp_hvae"].max()) <= 3 and int(run.iterations["adam_j1"].max()) <= 3
+        assert run.reconstruction.shape == x.shape  # HVAE(x_n, tau), the official code's saved image
+        torch.testing.assert_close(run.reconstruction_scores["psnr"], psnr(run.reconstruction, x))
 
 
 def test_tasks_carry_the_official_face_configs():
@@ -142,6 +144,7 @@ def test_table_rows_claims_and_wins(runs):
     rows = pf.table_rows(runs)
     assert len(rows) == 4 * 4 and all(tuple(r) == pf.TABLE_KEYS for r in rows)
     assert all(r["lpips_mean"] is None and r["n_images"] == 3 for r in rows)
+    assert all((r["psnr_reconstruction_mean"] is None) == (r["method"] != "pnp_hvae") for r in rows)
     r0 = rows[0]
     assert r0["psnr_mean"] == pytest.approx(float(runs[0].scores["pnp_hvae"]["psnr"].double().mean()))
     c = pf.claims(runs, "toy")
