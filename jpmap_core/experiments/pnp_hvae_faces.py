@@ -495,9 +495,9 @@ def task_grid(run: TaskRun, columns: Sequence[int], *, title: str | None = None)
     for r, m in enumerate(run.x, start=2):
         for j, i in enumerate(idx.tolist()):
             fig.axes[r * ncol + j].set_title(f"{float(run.scores[m]['psnr'][i]):.1f}", fontsize=7, pad=1)
-    fig.subplots_adjust(hspace=0.28)
+    fig.subplots_adjust(hspace=0.28, top=0.92)
     if title:
-        fig.suptitle(title, fontsize=10, y=0.97)
+        fig.suptitle(title, fontsize=10, y=0.98)
     return fig
 
 
