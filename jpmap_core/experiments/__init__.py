@@ -10,6 +10,8 @@ figure layouts). Notebooks import from here; the core (``jpmap_core.*`` outside 
   uncertainty maps, calibration
 * :mod:`~jpmap_core.experiments.pnp_hvae_analysis` -- PnP-HVAE Figs. 1, 2, 7 (notebooks 08, 09): Lipschitz ratios and
   Jacobian norms of the HVAE reconstruction, Algorithm 2 against Adam, the temperature sweep
+* :mod:`~jpmap_core.experiments.pnp_hvae_faces` -- PnP-HVAE Table 1 and Fig. 3 (notebook 10): face super-resolution,
+  deblurring and inpainting by PnP-HVAE, Adam on J1, JPMAP and CSGM
 * :mod:`~jpmap_core.experiments.aipo` -- AIPO Tables 1-3 and Figs. 1-4 (notebook 13): AIPO against its three
   equal-budget baselines with flow priors; Algorithm 2 on CSGM's latent problem for a VAE
 * :mod:`~jpmap_core.experiments.natural` -- PnP-HVAE Table 2 (notebook 11): BSD deblurring by PnP-HVAE, EPLL, TV and
