@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, required=True, help="folder of the finished (prior, task) parts (resume)")
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--finished-only", action="store_true", help="write the result from the finished parts only")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     lambdas = [float(v) for v in a.lambdas.split(",")]
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for prior in a.priors.split(","):
         for task in a.tasks.split(","):
             part = a.work / f"{prior}_{task}_{a.n_images}_{a.lambdas}_{a.seed}.json"
+            if not part.exists() and a.finished_only:
+                continue
             if not part.exists():
                 atomic_write_json(part, run_one(prior, task, faces.images, lambdas, a.seed))
             parts.append(json.loads(part.read_text()))
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "AIPO's Tables 1-3 at the paper's budget (500 MLE steps, Table 4's schedule, no round cap) on the "
         "first n_images CelebA test faces at 32x32 (benchmarks/aipo_paper_budget.py)",
         "settings": {
+            "parts": [f"{part['prior']}/{part['task']}" for part in parts],
             "n_images": a.n_images,
             "lambdas": lambdas,
             "n_mle": N_MLE,
