@@ -363,7 +363,7 @@ def deblurring_table(
                     rows.append(_row(obs, 0.0, kernel=kname, sigma=sigma, method=OBSERVATION))
                 if keep_cell and restorations is not None:
                     restorations.observed[(kname, sigma)] = ys
-                    restorations.clean[(kname, sigma)] = [images[i] for i in range(len(images))]
+                    restorations.clean[(kname, sigma)] = list(images)
             for mname, method in methods.items():
                 cell, seconds, est = _run_cell(problems, clean, index, method, method.options_at(sigma),
                                                use_lpips=use_lpips, store=store, keep=keep_cell)  # fmt: skip
