@@ -243,3 +243,24 @@ def test_markdown_tables_list_the_unavailable_baselines_and_the_papers_values(me
     plot_restorations([("a", x, x, {"tv": x}), ("b", _images()[1], _images()[1], {"tv": _images()[1]})])
     grid = sensitivity_methods(_tiny_hvae(), gammas=[None, 10 / 255], taus=[0.6, 0.8], max_iters=[50])
     assert len(grid) == 4 and "gamma=10/255,tau=0.6,iters=50" in grid and "gamma=learned,tau=0.8,iters=50" in grid
+
+
+def test_images_of_any_size_are_restored_whole_and_batched_by_size():
+    """The patch prior restores whole images whose sides are not multiples of its stride (padded for the HVAE, cropped
+    back), and images of the same size go through one batch: the scores equal those of each image alone."""
+    from jpmap_core.experiments.natural import Restorations
+
+    hvae = _tiny_hvae()
+    assert hvae.stride == 2
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(1, 3, h, w, generator=g) for h, w in [(17, 21), (16, 16), (17, 21)]]
+    some = {"pnp_hvae": DeblurMethod("pnp_hvae", hvae, {"max_iters": 3, "tau": 0.8})}
+    k = {"box": torch.ones(3, 3) / 9}
+    kept = Restorations()
+    _, together = deblurring_table(images, k, [7.65], some, seed=0, keep=[("box", 7.65)], restorations=kept)
+    shapes = [tuple(x.shape) for x in kept.restored[("box", 7.65, "pnp_hvae")]]
+    assert shapes == [(1, 3, 17, 21), (1, 3, 16, 16), (1, 3, 17, 21)]
+    _, alone = deblurring_table(images[2:], k, [7.65], some, seed=2)  # image 2 alone: its noise seeded with 0 + 2
+    assert float(alone[("box", 7.65, "pnp_hvae")]["psnr"][0]) == pytest.approx(
+        float(together[("box", 7.65, "pnp_hvae")]["psnr"][2]), abs=1e-4
+    )
