@@ -14,6 +14,6 @@ figure layouts). Notebooks import from here; the core (``jpmap_core.*`` outside 
   deblurring and inpainting by PnP-HVAE, Adam on J1, JPMAP and CSGM
 * :mod:`~jpmap_core.experiments.aipo` -- AIPO Tables 1-3 and Figs. 1-4 (notebook 13): AIPO against its three
   equal-budget baselines with flow priors; Algorithm 2 on CSGM's latent problem for a VAE
-* :mod:`~jpmap_core.experiments.natural` -- PnP-HVAE Table 2 (notebook 11): BSD deblurring by PnP-HVAE, EPLL, TV and
-  Wiener
+* :mod:`~jpmap_core.experiments.natural` -- PnP-HVAE Tables 2-4 and Figs. 5-6 (notebook 11): BSD deblurring and
+  inpainting by PnP-HVAE, EPLL, TV and Wiener on the same problems, the effect of the number of latent groups
 """
