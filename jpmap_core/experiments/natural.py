@@ -47,7 +47,7 @@ from torch import Tensor
 from ..metrics import lpips, lpips_available, psnr, ssim, summarize
 from ..operators import Inpainting, Problem, make_problem
 from ..solvers import solve
-from .pnp_hvae_analysis import deblurring_problems
+from .pnp_hvae_analysis import deblurring_problems, same_size_groups
 
 __all__ = [
     "OBSERVATION",
@@ -252,11 +252,9 @@ def _run_cell(
     """One method on the batched problems of one cell: per-image ``psnr``, ``ssim`` (and ``lpips``) in image order,
     the seconds the restorations took (those recorded in the cache for a cached call), and the restorations (clamped,
     image order) when ``keep``."""
-    scores: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
-    order: list[int] = []
-    images: list[Tensor] = []
+    estimates: list[Tensor] = []
     seconds = 0.0
-    for p, x, idx in zip(problems, clean, index, strict=True):
+    for p, x in zip(problems, clean, strict=True):
         key = None if store is None else store.key(method, options, p)
         hit = None if key is None else store.cache.load(key)
         if hit is not None and tuple(hit[0]["x"].shape) == tuple(x.shape):
@@ -268,6 +266,20 @@ def _run_cell(
             if store is not None and key is not None:
                 store.cache.save(key, {"x": est}, {"method": method.solver, "seconds": took})
         seconds += took
+        estimates.append(est)
+    cell, images = _scores(estimates, clean, index, use_lpips)
+    return cell, seconds, (images if keep else None)
+
+
+def _scores(
+    estimates: Sequence[Tensor], clean: Sequence[Tensor], index: Sequence[Sequence[int]], use_lpips: bool
+) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """Per-image ``psnr``, ``ssim`` (and ``lpips``) of batched estimates (clamped to [0, 1]) against the clean batches,
+    and the clamped estimates one by one, both in image order (``index``: the image indices of each batch)."""
+    scores: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
+    order: list[int] = []
+    images: list[Tensor] = []
+    for est, x, idx in zip(estimates, clean, index, strict=True):
         est = est.clamp(0, 1).to(x.dtype)
         scores["psnr"].append(psnr(est, x))
         scores["ssim"].append(ssim(est, x))
@@ -276,27 +288,14 @@ def _run_cell(
         order += list(idx)
         images += list(est.split(1))
     perm = torch.argsort(torch.tensor(order))
-    cell = {k: torch.cat(v)[perm] for k, v in scores.items() if v}
-    return cell, seconds, ([images[i] for i in perm.tolist()] if keep else None)
+    return {k: torch.cat(v)[perm] for k, v in scores.items() if v}, [images[i] for i in perm.tolist()]
 
 
 def _observation_scores(
     problems: Sequence[Problem], clean: Sequence[Tensor], index: Sequence[Sequence[int]], use_lpips: bool
 ) -> tuple[dict[str, Tensor], list[Tensor]]:
     """The scores of ``y`` itself (clamped to [0, 1]) against the clean images, and the clamped ``y``, image order."""
-    scores: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
-    order: list[int] = []
-    ys: list[Tensor] = []
-    for p, x, idx in zip(problems, clean, index, strict=True):
-        y = p.y.clamp(0, 1).to(x.dtype)
-        scores["psnr"].append(psnr(y, x))
-        scores["ssim"].append(ssim(y, x))
-        if use_lpips:
-            scores["lpips"].append(lpips(y, x))
-        order += list(idx)
-        ys += list(y.split(1))
-    perm = torch.argsort(torch.tensor(order))
-    return {k: torch.cat(v)[perm] for k, v in scores.items() if v}, [ys[i] for i in perm.tolist()]
+    return _scores([p.y for p in problems], clean, index, use_lpips)
 
 
 def _row(cell: dict[str, Tensor], seconds: float, **labels: Any) -> dict[str, Any]:
@@ -385,17 +384,10 @@ def inpainting_problems(
     Images of the same size are batched into one problem (their masks stacked).
 
     Returns ``(problems, clean batches, image indices of each batch)``, batches in order of first appearance."""
-    if not images:
-        raise ValueError("inpainting_problems needs at least one image")
     if not 0 < float(coverage) < 1:
         raise ValueError(f"coverage (fraction of hidden pixels) must be in (0, 1), got {coverage!r}")
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, x in enumerate(images):
-        if x.dim() != 4 or x.shape[0] != 1:
-            raise ValueError(f"image {i} must have shape (1, C, H, W), got {tuple(x.shape)}")
-        groups.setdefault(tuple(x.shape[1:]), []).append(i)
     problems, batches, index = [], [], []
-    for idx in groups.values():
+    for idx in same_size_groups(images, "inpainting_problems"):
         parts = [make_problem("inpainting", images[i], sigma=sigma, level=float(coverage), seed=int(seed) + i,
                               mask="blobs") for i in idx]  # fmt: skip
         op = Inpainting(torch.cat([p.op.mask for p in parts]))

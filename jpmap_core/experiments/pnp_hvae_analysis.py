@@ -390,6 +390,19 @@ def plot_samples(samples: dict[float, Tensor], large: dict[float, Tensor] | None
 # ------------------------------------------------------------------------------------------------
 # Figure 2: Algorithm 2 against Adam on J1
 # ------------------------------------------------------------------------------------------------
+def same_size_groups(images: Sequence[Tensor], caller: str) -> list[list[int]]:
+    """The indices of ``images`` (each ``(1, C, H, W)``) grouped by size, groups in order of first appearance: the
+    batches of :func:`deblurring_problems` and :func:`~jpmap_core.experiments.natural.inpainting_problems`."""
+    if not images:
+        raise ValueError(f"{caller} needs at least one image")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(images):
+        if x.dim() != 4 or x.shape[0] != 1:
+            raise ValueError(f"image {i} must have shape (1, C, H, W), got {tuple(x.shape)}")
+        groups.setdefault(tuple(x.shape[1:]), []).append(i)
+    return list(groups.values())
+
+
 def deblurring_problems(
     images: Sequence[Tensor], kernel: Tensor, sigma: float, *, seed: int
 ) -> tuple[list[Problem], list[Tensor], list[list[int]]]:
@@ -399,15 +412,8 @@ def deblurring_problems(
 
     Returns ``(problems, clean batches, image indices of each batch)``, batches in order of first appearance.
     """
-    if not images:
-        raise ValueError("deblurring_problems needs at least one image")
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, x in enumerate(images):
-        if x.dim() != 4 or x.shape[0] != 1:
-            raise ValueError(f"image {i} must have shape (1, C, H, W), got {tuple(x.shape)}")
-        groups.setdefault(tuple(x.shape[1:]), []).append(i)
     problems, batches, index = [], [], []
-    for idx in groups.values():
+    for idx in same_size_groups(images, "deblurring_problems"):
         parts = [make_problem("blur", images[i], sigma=sigma, kernel=kernel, seed=int(seed) + i) for i in idx]
         y = torch.cat([p.y for p in parts])
         problems.append(Problem("blur", None, parts[0].sigma, parts[0].op, y))
